@@ -1,0 +1,263 @@
+"""Preference objectives: the DPO family, SAIL's extra gradient terms, SELM/XPO bonuses.
+
+Pure torch (no Lightning): every function takes per-sequence log-probability tensors of
+shape ``(B,)`` and is unit-tested against hand-derived values. Notation (sail-method.md)::
+
+    lp_c, lp_r   = log pi_theta(y_c|x), log pi_theta(y_r|x)      (with grad)
+    rlp_c, rlp_r = log pi_ref(y_c|x),   log pi_ref(y_r|x)        (no grad)
+    h   = (lp_c - rlp_c) - (lp_r - rlp_r)
+    ell = logsigmoid(beta * h)                                     (DPO loss = -ell)
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+RESPONSE_TERMS = ("score_function", "released_code")
+BASELINES = ("none", "mean")
+BONUS_FORMS = ("selm", "xpo")
+
+
+class Route(IntEnum):
+    """Where an example's responses and label come from, and so which SAIL terms apply.
+
+    DPO: offline pair, dataset label (plain DPO). DP: dataset responses, label resampled
+    from the policy (label term). PP: policy responses, policy label (label + response
+    terms). PR: policy responses, reward-model label (response term).
+    """
+
+    DPO = 0
+    DP = 1
+    PP = 2
+    PR = 3
+
+
+def _margin(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor) -> Tensor:
+    return (lp_c - rlp_c) - (lp_r - rlp_r)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Per-example DPO-family losses.
+
+    With ``h`` the log-ratio margin above and ``eps = label_smoothing``:
+
+    - ``sigmoid`` (DPO; cDPO when eps > 0): ``-(1-eps) logsig(beta h) - eps logsig(-beta h)``
+    - ``robust``: ``(-(1-eps) logsig(beta h) + eps logsig(-beta h)) / (1 - 2 eps)``
+    - ``hinge``: ``relu(1 - beta h)``
+    - ``ipo``: ``(h - 1/(2 beta))^2``. IPO is defined on length-averaged log-probs: callers
+      pass per-token means, not sums; this function uses whatever it is given.
+
+    Returns:
+        Tensor of shape ``(B,)``.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    z = beta * h
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _per_route(route: Tensor, dp: float, pp: float, pr: float) -> Tensor:
+    """Coefficient per example, picked by its route (0 for plain DPO)."""
+    table = torch.tensor([0.0, dp, pp, pr], dtype=torch.float32, device=route.device)
+    return table[route]
+
+
+def sail_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    route: Tensor,
+    *,
+    beta: float,
+    coef_dp: float = 0.0,
+    coef_pp: float = 0.0,
+    coef_pr: float = 0.0,
+    response_term: str = "score_function",
+    baseline: str = "none",
+    grad_accum: int = 1,
+    generator: torch.Generator | None = None,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAIL objective on a batch whose examples carry their own route.
+
+    Every example contributes the DPO term ``-ell`` (or the chosen ``loss_type``). Then:
+
+    - DP (SAIL-DP): the label is resampled first, ``flip ~ Bernoulli(1 - sigmoid(beta h))``
+      drawn from ``generator``; where flipped ``h -> -h``. Label term ``-0.5 coef_dp ell^2``
+      (not detached: its gradient is ``coef_dp * ell * grad(ell)``, the score of the label).
+    - PP (SAIL-PP): label term ``-0.5 coef_pp ell^2`` (label drawn at generation time) and
+      the response term with ``c = coef_pp``.
+    - PR (SAIL-PR): the response term with ``c = coef_pr``.
+
+    Response term, two forms:
+
+    - ``score_function`` (the derivation, REINFORCE on the sampled pair)::
+
+          -c * (ell.detach() - b) * (lp_c + lp_r)
+
+      with ``b = 0`` (``baseline="none"``) or the mean of ``ell.detach()`` over the batch's
+      PP/PR examples (``baseline="mean"``).
+    - ``released_code`` (the authors' gradient hook, bit for bit)::
+
+          grad_accum * sum_batch( -c * (ell/lp_c).detach() * lp_c - c * (ell/lp_r).detach() * lp_r )
+
+      a sum over the batch, not divided by gradient accumulation, and of the opposite sign
+      to the derivation. Use it to reproduce the paper's runs.
+
+    DPO, DP and label terms, and the score-function term, are averaged over the whole batch
+    (``sum / B``) with per-example coefficients. All routes DPO, or zero coefficients,
+    give exactly ``dpo_loss(...).mean()``.
+
+    Args:
+        route: LongTensor ``(B,)`` of :class:`Route` values.
+        grad_accum: gradient accumulation steps (only ``released_code`` uses it).
+        generator: CPU generator for the DP label draws (reproducibility).
+        loss_type, label_smoothing: the DPO term's form (see :func:`dpo_loss`). The SAIL
+            terms are derived for the sigmoid loss and always use ``ell``.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them.
+    """
+    if response_term not in RESPONSE_TERMS:
+        raise ValueError(f"response_term must be one of {RESPONSE_TERMS}, got {response_term!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    for name, value in (("coef_dp", coef_dp), ("coef_pp", coef_pp), ("coef_pr", coef_pr)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    route = route.to(device=policy_chosen_logps.device, dtype=torch.long)
+    lp_c, lp_r, rlp_c, rlp_r = (
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    n = lp_c.shape[0]
+    is_dp = route == Route.DP
+
+    # SAIL-DP: resample the dataset label from the policy's own Bradley-Terry model.
+    flip = torch.zeros_like(is_dp)
+    if bool(is_dp.any()):
+        h0 = _margin(lp_c, lp_r, rlp_c, rlp_r).detach()
+        # Drawn on the CPU in float64: one reproducible stream whatever the device or dtype.
+        p_flip = 1 - torch.sigmoid(beta * h0.cpu().double())
+        draws = torch.bernoulli(p_flip, generator=generator).to(h0.device)
+        flip = is_dp & draws.bool()
+    # Swapping chosen and rejected is exactly h -> -h, and keeps dpo_loss's forms valid.
+    c_lp = torch.where(flip, lp_r, lp_c)
+    r_lp = torch.where(flip, lp_c, lp_r)
+    c_ref = torch.where(flip, rlp_r, rlp_c)
+    r_ref = torch.where(flip, rlp_c, rlp_r)
+
+    base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
+                    label_smoothing=label_smoothing)
+    ell = F.logsigmoid(beta * _margin(c_lp, r_lp, c_ref, r_ref))
+
+    c_label = _per_route(route, coef_dp, coef_pp, 0.0).to(ell.dtype)
+    label_term = (-0.5 * c_label * ell**2).sum() / n
+
+    c_resp = _per_route(route, 0.0, coef_pp, coef_pr).to(ell.dtype)
+    if response_term == "score_function":
+        ell_d = ell.detach()
+        b = torch.zeros_like(ell_d)
+        has_resp = (route == Route.PP) | (route == Route.PR)
+        if baseline == "mean" and bool(has_resp.any()):
+            b = ell_d[has_resp].mean().expand_as(ell_d)
+        response = (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
+    else:
+        hook_c = (ell / lp_c).detach() * lp_c
+        hook_r = (ell / lp_r).detach() * lp_r
+        response = grad_accum * (-c_resp * hook_c - c_resp * hook_r).sum()
+
+    dpo_term = base.mean()
+    loss = dpo_term + label_term + response
+
+    metrics = preference_metrics(lp_c, lp_r, rlp_c, rlp_r, beta=beta)
+    metrics["loss/dpo_term"] = dpo_term.detach()
+    metrics["loss/label_term"] = label_term.detach()
+    metrics["loss/response_term"] = response.detach()
+    for r in Route:
+        mask = route == r
+        if bool(mask.any()):
+            metrics[f"loss/route_{r.name.lower()}"] = base.detach()[mask].mean()
+            metrics[f"routes/{r.name.lower()}_fraction"] = mask.float().mean()
+    if bool(is_dp.any()):
+        metrics["dp/flip_rate"] = flip[is_dp].float().mean()
+    return loss, metrics
+
+
+def preference_metrics(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> dict[str, Tensor]:
+    """Implicit-reward metrics, named as TRL and peers name them (dashboards compare).
+
+    ``rewards/chosen = beta (lp_c - rlp_c)``, ``rewards/rejected`` likewise, their margin,
+    ``rewards/accuracies`` (chosen strictly above rejected: a tie is not a win), and the
+    policy's mean log-probs of chosen and rejected responses.
+    """
+    with torch.no_grad():
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps).float()
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps).float()
+        return {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": policy_chosen_logps.detach().float().mean(),
+            "logps/rejected": policy_rejected_logps.detach().float().mean(),
+        }
+
+
+def exploration_bonus(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    form: str = "selm",
+) -> Tensor:
+    """Optimism bonus added to the loss, per example.
+
+    - ``selm`` (SELM): ``alpha * beta * (log pi_theta(y_ref) - log pi_ref(y_ref))``
+    - ``xpo`` (XPO): ``alpha * log pi_theta(y~)``, ``y~`` sampled from the reference.
+
+    Both have the same gradient when ``alpha_xpo = alpha_selm * beta``.
+    """
+    if form == "selm":
+        return alpha * beta * (policy_logps - ref_logps)
+    if form == "xpo":
+        return alpha * policy_logps
+    raise ValueError(f"form must be one of {BONUS_FORMS}, got {form!r}")

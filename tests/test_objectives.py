@@ -1,0 +1,221 @@
+"""Objectives against hand-derived values and independent implementations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sail_lightning.objectives import Route, dpo_loss, exploration_bonus, sail_loss
+
+BETA = 0.1
+
+
+def margins_to_logps(beta_h):
+    """Log-probs whose DPO margin is beta_h / BETA (reference zero, rejected zero)."""
+    h = torch.tensor(beta_h, dtype=torch.float64) / BETA
+    zeros = torch.zeros_like(h)
+    return h, zeros, zeros.clone(), zeros.clone()
+
+
+def random_logps(n, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    # Sequence log-probs are negative sums: keep them away from 0 (released_code divides).
+    t = [-(torch.rand(n, generator=g, dtype=torch.float64) * 20 + 5) for _ in range(4)]
+    lp_c, lp_r = (x.clone().requires_grad_(requires_grad) for x in t[:2])
+    return lp_c, lp_r, t[2], t[3]
+
+
+def test_reference_values_from_method_doc():
+    lp = margins_to_logps([0.0, 1.0, 2.0])
+    losses = dpo_loss(*lp, beta=BETA)
+    assert torch.allclose(losses, torch.tensor([0.693147, 0.313262, 0.126928], dtype=losses.dtype),
+                          atol=1e-6)
+    assert losses.mean().item() == pytest.approx(0.377779, abs=1e-6)
+    assert dpo_loss(*lp, beta=BETA, loss_type="hinge").mean().item() == pytest.approx(1 / 3)
+    _, metrics = sail_loss(*lp, torch.zeros(3, dtype=torch.long), beta=BETA)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)  # a tie is not a win
+    assert metrics["rewards/margins"].item() == pytest.approx(1.0)
+
+
+def test_loss_family_hand_values():
+    lp = margins_to_logps([0.5, -1.0])
+    z = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    eps = 0.1
+    cdpo = [-(1 - eps) * ls(v) - eps * ls(-v) for v in z.tolist()]
+    robust = [(-(1 - eps) * ls(v) + eps * ls(-v)) / (1 - 2 * eps) for v in z.tolist()]
+    h = (z / BETA).tolist()
+    ipo = [(v - 1 / (2 * BETA)) ** 2 for v in h]
+    torch.testing.assert_close(dpo_loss(*lp, beta=BETA, label_smoothing=eps),
+                               torch.tensor(cdpo, dtype=torch.float64))
+    torch.testing.assert_close(dpo_loss(*lp, beta=BETA, loss_type="robust", label_smoothing=eps),
+                               torch.tensor(robust, dtype=torch.float64))
+    torch.testing.assert_close(dpo_loss(*lp, beta=BETA, loss_type="ipo"),
+                               torch.tensor(ipo, dtype=torch.float64))
+    torch.testing.assert_close(dpo_loss(*lp, beta=BETA, loss_type="hinge"),
+                               torch.tensor([0.5, 2.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [{"loss_type": "nope"}, {"label_smoothing": 0.5}, {"beta": 0.0}])
+def test_dpo_loss_rejects_bad_options(bad):
+    kwargs = {"beta": BETA, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        dpo_loss(*margins_to_logps([1.0]), **kwargs)
+
+
+@pytest.mark.parametrize("routes,coefs", [
+    ([0, 0, 0, 0], {"coef_dp": 0.4, "coef_pp": 0.3, "coef_pr": 0.3}),  # all DPO
+    ([2, 3, 2, 3], {"coef_dp": 0.4}),                                   # PP/PR, zero coefs
+    ([0, 2, 3, 0], {}),
+])
+@pytest.mark.parametrize("form", ["score_function", "released_code"])
+def test_reduces_exactly_to_dpo(routes, coefs, form):
+    lp = random_logps(4)
+    loss, _ = sail_loss(*lp, torch.tensor(routes), beta=BETA, response_term=form, **coefs)
+    assert torch.equal(loss, dpo_loss(*lp, beta=BETA).mean())
+
+
+def grads(loss, leaves):
+    return torch.autograd.grad(loss, leaves)
+
+
+def test_label_term_gradient_is_c_ell_grad_ell():
+    c, n = 0.2, 6
+    for route in (Route.DP, Route.PP):
+        lp = random_logps(n, seed=3)
+        routes = torch.full((n,), int(route))
+        seed = 11
+        # Same seed -> same DP flips in both calls, so the difference is the label term alone.
+        with_term, m = sail_loss(*lp, routes, beta=BETA, coef_dp=c if route == Route.DP else 0.0,
+                                 coef_pp=c if route == Route.PP else 0.0, response_term="score_function",
+                                 generator=torch.Generator().manual_seed(seed))
+        without, _ = sail_loss(*lp, routes, beta=BETA, generator=torch.Generator().manual_seed(seed))
+        g_with = grads(with_term, lp[:2])
+        g_without = grads(without, lp[:2])
+        # Recreate the flips independently and differentiate ell alone.
+        h = (lp[0] - lp[2]) - (lp[1] - lp[3])
+        if route == Route.DP:
+            draws = torch.bernoulli(1 - torch.sigmoid(BETA * h.detach()),
+                                    generator=torch.Generator().manual_seed(seed)).bool()
+            h = torch.where(draws, -h, h)
+            assert m["dp/flip_rate"].item() == pytest.approx(draws.double().mean().item())
+        ell = F.logsigmoid(BETA * h)
+        if route == Route.PP:
+            # PP also carries the response term: remove its (independent) gradient.
+            resp = -c * ell.detach() * (lp[0] + lp[1])
+            g_resp = grads(resp.sum() / n, lp[:2])
+        else:
+            g_resp = (0, 0)
+        per_example = [torch.autograd.grad(ell[i], lp[:2], retain_graph=True) for i in range(n)]
+        for k in range(2):
+            expected = torch.stack([ell[i].detach() * per_example[i][k] for i in range(n)]).sum(0)
+            # minimised loss carries -0.5 c ell^2 / B  ->  gradient -(c / B) ell grad(ell)
+            torch.testing.assert_close(g_with[k] - g_without[k] - g_resp[k], -(c / n) * expected)
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean"])
+def test_score_function_equals_reinforce(baseline):
+    n, c = 8, 0.3
+    lp = random_logps(n, seed=5)
+    routes = torch.tensor([3, 3, 0, 3, 0, 3, 3, 0])
+    loss, m = sail_loss(*lp, routes, beta=BETA, coef_pr=c, baseline=baseline)
+    g = grads(loss, lp[:2])
+    h = (lp[0] - lp[2]) - (lp[1] - lp[3])
+    ell = F.logsigmoid(BETA * h)
+    is_pr = routes == 3
+    b = ell.detach()[is_pr].mean() if baseline == "mean" else 0.0
+    # REINFORCE: score term's gradient w.r.t. log pi(y) is -c (ell - b) / B on PR examples.
+    reinforce = torch.where(is_pr, -c * (ell.detach() - b) / n, torch.zeros_like(ell))
+    g_dpo = grads((-ell).mean(), lp[:2])
+    for k in range(2):
+        torch.testing.assert_close(g[k], g_dpo[k] + reinforce)
+    expected_value = (-ell).mean() + (-c * (ell.detach() - b) * (lp[0] + lp[1]))[is_pr].sum() / n
+    torch.testing.assert_close(loss, expected_value)
+    assert m["loss/response_term"].item() == pytest.approx((loss - (-ell).mean()).item())
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_released_code_equals_authors_hook(grad_accum):
+    n, c = 6, 0.3
+    lp = random_logps(n, seed=9)
+    routes = torch.tensor([3, 2, 3, 0, 3, 2])
+    ours, _ = sail_loss(*lp, routes, beta=BETA, coef_pr=c, coef_pp=0.0,
+                        response_term="released_code", grad_accum=grad_accum)
+    # Lightning divides the loss by the accumulation steps, as TRL's trainer does.
+    g_ours = grads(ours / grad_accum, lp[:2])
+
+    # The authors' plugin: the DPO loss, plus a hook on each generated response's log-prob
+    # that adds -c * ell / log pi(y) to its gradient (not divided by accumulation).
+    lp_c = lp[0].detach().clone().requires_grad_()
+    lp_r = lp[1].detach().clone().requires_grad_()
+    ell = F.logsigmoid(BETA * ((lp_c - lp[2]) - (lp_r - lp[3])))
+    coef = torch.where(routes == 3, c, 0.0).double()
+    lp_c.register_hook(lambda g: g - coef * (ell / lp_c).detach())
+    lp_r.register_hook(lambda g: g - coef * (ell / lp_r).detach())
+    ((-ell).mean() / grad_accum).backward()
+    torch.testing.assert_close(g_ours[0], lp_c.grad)
+    torch.testing.assert_close(g_ours[1], lp_r.grad)
+
+
+def test_dp_flip_rate_matches_policy_preference():
+    n = 200_000
+    for beta_h in (-1.0, 0.0, 2.0):
+        lp = margins_to_logps([beta_h] * n)
+        _, m = sail_loss(*lp, torch.full((n,), int(Route.DP)), beta=BETA, coef_dp=0.4,
+                         generator=torch.Generator().manual_seed(0))
+        expected = 1 - 1 / (1 + math.exp(-beta_h))
+        assert m["dp/flip_rate"].item() == pytest.approx(expected, abs=0.005)
+
+
+def test_dp_draws_reproducible_with_seeded_generator():
+    lp = random_logps(64, seed=1, requires_grad=False)
+    routes = torch.full((64,), int(Route.DP))
+    run = lambda s: sail_loss(*lp, routes, beta=BETA, coef_dp=0.4,  # noqa: E731
+                              generator=torch.Generator().manual_seed(s))[0]
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_flipped_dp_examples_use_negated_margin():
+    # beta*h = 40: flip probability ~4e-18, so no flip; beta*h=-40: always flipped.
+    lp = margins_to_logps([40.0, -40.0])
+    loss, m = sail_loss(*lp, torch.tensor([1, 1]), beta=BETA,
+                        generator=torch.Generator().manual_seed(0))
+    assert m["dp/flip_rate"].item() == 0.5
+    # After the flip both examples have margin +40, so the loss is tiny.
+    assert loss.item() < 1e-12
+
+
+def test_label_term_value_and_per_route_metrics():
+    lp = random_logps(4, seed=2, requires_grad=False)
+    routes = torch.tensor([0, 2, 2, 0])
+    loss, m = sail_loss(*lp, routes, beta=BETA, coef_pp=0.2)
+    h = (lp[0] - lp[2]) - (lp[1] - lp[3])
+    ell = F.logsigmoid(BETA * h)
+    label = (-0.5 * 0.2 * ell**2 * (routes == 2)).sum() / 4
+    assert m["loss/label_term"].item() == pytest.approx(label.item())
+    assert m["routes/pp_fraction"].item() == 0.5
+    assert m["loss/route_pp"].item() == pytest.approx((-ell[1:3]).mean().item())
+    assert "loss/route_pr" not in m
+
+
+@pytest.mark.parametrize("bad", [{"response_term": "x"}, {"baseline": "x"}, {"coef_dp": -1.0}])
+def test_sail_loss_rejects_bad_options(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        sail_loss(*random_logps(2), torch.zeros(2, dtype=torch.long), beta=BETA, **bad)
+
+
+def test_exploration_bonus_forms_and_equivalence():
+    policy = torch.tensor([-3.0, -5.0], requires_grad=True)
+    ref = torch.tensor([-4.0, -4.0])
+    selm = exploration_bonus(policy, ref, alpha=1e-3, beta=0.01, form="selm")
+    torch.testing.assert_close(selm, 1e-3 * 0.01 * torch.tensor([1.0, -1.0]))
+    xpo = exploration_bonus(policy, ref, alpha=1e-5, beta=0.01, form="xpo")
+    torch.testing.assert_close(xpo, 1e-5 * policy.detach())
+    # Same gradient when alpha_xpo = alpha_selm * beta.
+    g1 = grads(selm.sum(), [policy])[0]
+    g2 = grads(exploration_bonus(policy, ref, alpha=1e-5, beta=0.01, form="xpo").sum(), [policy])[0]
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(ValueError, match="form"):
+        exploration_bonus(policy, ref, alpha=1.0, beta=1.0, form="other")

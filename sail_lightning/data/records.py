@@ -1,0 +1,398 @@
+"""Read, validate and normalise preference pairs (prompt / chosen / rejected).
+
+Bad records raise a located :class:`RecordError` or are skipped and counted; valid but
+unusable pairs are always dropped and counted, so nothing disappears silently. HH
+responses are kept verbatim, leading space included (``prompt + chosen`` rebuilds the
+raw dialogue, and BPE tokenizers see " reply" as in pre-training); "prompt"-format
+responses are kept verbatim too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("sail_lightning.data")
+
+FORMATS = ("auto", "hh", "prompt")
+BAD_RECORD_MODES = ("error", "skip")
+ROLES = ("user", "assistant", "system")
+DROP_REASONS = {
+    "identical_pair": "chosen and rejected responses are identical",
+    "prompt_mismatch": "chosen and rejected answer different prompts",
+}
+HH_ASSISTANT = "\n\nAssistant:"
+# "^" too, so copies of HH whose leading "\n\n" was stripped still parse.
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
+_DIR_PATTERNS = (".jsonl", ".jsonl.gz", ".parquet")
+_PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One validated preference pair.
+
+    Attributes:
+        prompt: Plain text; for HH the dialogue prefix through the last "\\n\\nAssistant:".
+        messages: ``((role, content), ...)`` with roles user/assistant/system, consecutive
+            turns of one role merged; always ends with a user turn.
+        chosen: The chosen response text only.
+        rejected: The rejected response text only.
+        location: "path:line" (1-based) for JSON Lines, "path:row N" (0-based) for parquet,
+            "name[split]:row N" for hub datasets, "name:row N" for records_from_dicts.
+    """
+
+    prompt: str
+    messages: tuple[tuple[str, str], ...]
+    chosen: str
+    rejected: str
+    location: str
+
+
+class RecordError(ValueError):
+    """Bad input; the message starts with the location: 'x.jsonl:17: missing key "rejected"'.
+
+    ``reason`` ("missing_key", "prompt_mismatch", ...) is the key the readers count it under.
+    """
+
+    def __init__(self, message: str, *, reason: str = "invalid", location: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.location = location
+
+
+_Item = tuple[str, object, RecordError | None]  # (location, raw record, error while decoding)
+
+
+@dataclass
+class ReadStats:
+    """Counts from one read; ``read == kept + sum(dropped) + sum(skipped)`` always holds."""
+
+    read: int = 0
+    kept: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """Return one line, e.g. ``read 10, kept 9; dropped: identical_pair=1; skipped: none``."""
+        dropped, skipped = (
+            ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
+            for c in (self.dropped, self.skipped)
+        )
+        return f"read {self.read}, kept {self.kept}; dropped: {dropped}; skipped: {skipped}"
+
+
+def _fail(location: str, reason: str, detail: str) -> RecordError:
+    return RecordError(f"{location}: {detail}", reason=reason, location=location)
+
+
+def _type(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _prompt_turns(raw_turns: list[tuple[str, str]], location: str) -> tuple[tuple[str, str], ...]:
+    # Some HH dialogues hold two Assistant turns in a row; chat templates reject
+    # non-alternating roles, so join such turns instead of losing text.
+    turns: list[tuple[str, str]] = []
+    for role, content in raw_turns:
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n\n" + content)
+        else:
+            turns.append((role, content))
+    if not turns or turns[-1][0] != "user":
+        last = turns[-1][0] if turns else "nothing"
+        raise _fail(location, "bad_dialogue", f"prompt must end with a user turn, ends with {last}")
+    if not "".join(content for _, content in turns).strip():
+        raise _fail(location, "empty_field", "empty prompt")
+    return tuple(turns)
+
+
+def _get(raw: dict, key: str, location: str, label: str | None = None) -> object:
+    # A null counts as missing: parquet and hub rows encode an absent field as None.
+    if raw.get(key) is None:
+        raise _fail(location, "missing_key", f'missing key "{label or key}"')
+    return raw[key]
+
+
+def _str(raw: dict, key: str, location: str, label: str | None = None) -> str:
+    value = _get(raw, key, location, label)
+    if not isinstance(value, str):
+        found = _type(value)
+        raise _fail(location, "bad_type", f'key "{label or key}" must be a string, found {found}')
+    return value
+
+
+def _split_hh(raw: dict, key: str, location: str) -> tuple[str, str]:
+    text = _str(raw, key, location)
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise _fail(location, "no_assistant_turn", f'"{key}" has no "\\n\\nAssistant:" turn')
+    cut += len(HH_ASSISTANT)
+    # Verbatim: "Assistant: reply" keeps its space, which BPE tokenizers fold into the
+    # first word's token; chat-template tokenization strips it (data/tokenize.py).
+    return text[:cut], text[cut:]
+
+
+def _parse_hh(raw: dict, location: str) -> PreferenceRecord:
+    prefix, chosen = _split_hh(raw, "chosen", location)
+    rejected_prefix, rejected = _split_hh(raw, "rejected", location)
+    if prefix != rejected_prefix:
+        raise _fail(location, "prompt_mismatch", "chosen and rejected have different dialogues")
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response.strip():
+            raise _fail(location, "empty_field", f'empty "{key}" response')
+    parts = _HH_TURN.split(prefix[: -len(HH_ASSISTANT)])
+    if parts[0].strip():
+        raise _fail(location, "bad_dialogue", 'text before the first "Human:" turn')
+    turns = [(_HH_ROLES[r], c.strip()) for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+    messages = _prompt_turns(turns, location)
+    return PreferenceRecord(prefix, messages, chosen, rejected, location)
+
+
+def _parse_messages(value: list, key: str, location: str) -> list[tuple[str, str]]:
+    turns = []
+    for i, message in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            found = _type(message)
+            raise _fail(location, "bad_type", f'"{where}" must be an object, found {found}')
+        role, content = (_str(message, k, location, f"{where}.{k}") for k in ("role", "content"))
+        if role not in ROLES:
+            raise _fail(location, "bad_dialogue", f'"{where}.role" is {role!r}, not one of {ROLES}')
+        turns.append((role, content))
+    return turns
+
+
+def _response(raw: dict, key: str, location: str) -> tuple[str, list[tuple[str, str]] | None]:
+    value = _get(raw, key, location)
+    if isinstance(value, str):
+        text, turns = value, None
+    elif isinstance(value, list):
+        turns = _parse_messages(value, key, location)
+        if not turns or turns[-1][0] != "assistant":
+            raise _fail(location, "no_assistant_turn", f'last message of "{key}" is not assistant')
+        text = turns[-1][1]
+    else:
+        found = _type(value)
+        raise _fail(location, "bad_type", f'key "{key}" must be a string or a list, found {found}')
+    if not text.strip():
+        raise _fail(location, "empty_field", f'empty "{key}" response')
+    return text, turns
+
+
+def _parse_prompt_format(raw: dict, location: str) -> PreferenceRecord:
+    chosen, chosen_turns = _response(raw, "chosen", location)
+    rejected, rejected_turns = _response(raw, "rejected", location)
+    prompt = raw.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        return PreferenceRecord(prompt, (("user", prompt),), chosen, rejected, location)
+    if isinstance(prompt, list) and prompt:
+        turns = _parse_messages(prompt, "prompt", location)
+    elif prompt is not None and not isinstance(prompt, str | list):
+        found = _type(prompt)
+        raise _fail(location, "bad_type", f'key "prompt" must be a string or a list, found {found}')
+    elif chosen_turns is not None:
+        # H4 ultrafeedback_binarized style: the conversation so far is chosen[:-1].
+        turns = chosen_turns[:-1]
+        if rejected_turns is not None and rejected_turns[:-1] != turns:
+            raise _fail(location, "prompt_mismatch", "chosen and rejected have different prompts")
+    elif prompt is None:
+        raise _fail(location, "missing_key", 'missing key "prompt"')
+    else:
+        raise _fail(location, "empty_field", "empty prompt")
+    messages = _prompt_turns(turns, location)
+    text = "\n\n".join(content for _, content in messages)
+    return PreferenceRecord(text, messages, chosen, rejected, location)
+
+
+def parse_record(raw: object, location: str, fmt: str = "auto") -> PreferenceRecord:
+    """Validate one raw record and normalise it.
+
+    Args:
+        raw: A decoded record (normally a dict).
+        location: Where it came from; every error message starts with it.
+        fmt: ``"hh"`` (whole-dialogue ``chosen``/``rejected``), ``"prompt"`` (``prompt``,
+            ``chosen``, ``rejected`` as text or chat-message lists) or ``"auto"``: ``prompt``
+            if the record has a ``prompt`` key or message-list responses, else ``hh``.
+
+    Returns:
+        The record. A pair with ``chosen == rejected`` is returned as is; the readers drop it.
+
+    Raises:
+        RecordError: The record is bad, or (``reason == "prompt_mismatch"``) valid but its
+            two responses answer different prompts.
+        ValueError: ``fmt`` is not a known format.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if not isinstance(raw, dict):
+        raise _fail(location, "not_an_object", f"expected a JSON object, found {_type(raw)}")
+    if fmt == "auto":
+        is_chat = isinstance(raw.get("chosen"), list) or isinstance(raw.get("rejected"), list)
+        fmt = "prompt" if "prompt" in raw or is_chat else "hh"
+    return _parse_hh(raw, location) if fmt == "hh" else _parse_prompt_format(raw, location)
+
+
+def _iter_file(path: str) -> Iterator[_Item]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = (r for b in pq.ParquetFile(path).iter_batches() for r in b.to_pylist())
+        for number, record in enumerate(rows):
+            yield f"{path}:row {number}", record, None
+        return
+    if not path.endswith((".jsonl", ".json", ".gz")):
+        raise ValueError(f"{path}: unsupported file type, expected one of {_FILE_SUFFIXES}")
+    # Bytes are decoded line by line (not in text mode) so that an invalid UTF-8 line
+    # becomes a located malformed_json record instead of aborting the whole file;
+    # utf-8-sig on line 1 because json.loads rejects a byte-order mark.
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            location, raw, error = f"{path}:{number}", None, None
+            try:
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+                if not text.strip():
+                    continue
+                raw = json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                error = _fail(location, "malformed_json", f"malformed JSON: {exc}")
+            yield location, raw, error
+
+
+def _iter_source(source: str, split: str) -> Iterator[_Item]:
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(_DIR_PATTERNS))
+        if not names:
+            raise FileNotFoundError(f"{source}: no {', '.join(_DIR_PATTERNS)} files in directory")
+        for name in names:
+            yield from _iter_file(os.path.join(path, name))
+    elif os.path.exists(path):
+        yield from _iter_file(path)
+    elif source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    else:
+        import datasets
+
+        for row, record in enumerate(datasets.load_dataset(source, split=split)):
+            yield f"{source}[{split}]:row {row}", record, None
+
+
+def iter_raw_records(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
+    """Yield ``(location, raw record)`` from a file, a directory or a hub dataset name.
+
+    Args:
+        source: A ``.jsonl``/``.json``/``.jsonl.gz``/``.parquet`` file, a directory (its
+            ``*.jsonl``, ``*.jsonl.gz``, ``*.parquet`` files, sorted), or a hub dataset name.
+        split: The split to load; used only for hub datasets.
+
+    Raises:
+        RecordError: A JSON line is malformed (location ``path:line``).
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+    """
+    for location, raw, error in _iter_source(source, split):
+        if error is not None:
+            raise error
+        yield location, raw
+
+
+def _collect(
+    items: Iterable[_Item], fmt: str, on_bad_record: str, limit: int | None = None
+) -> tuple[list[PreferenceRecord], ReadStats]:
+    if on_bad_record not in BAD_RECORD_MODES:
+        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    records: list[PreferenceRecord] = []
+    stats = ReadStats()
+    first: dict[str, str] = {}  # reason -> first error message (skips) or location (drops)
+    for location, raw, error in items if limit != 0 else ():
+        stats.read += 1
+        try:
+            if error is not None:
+                raise error
+            record = parse_record(raw, location, fmt)
+        except RecordError as exc:
+            if exc.reason in DROP_REASONS:
+                stats.dropped[exc.reason] += 1
+                first.setdefault(exc.reason, location)
+                continue
+            if on_bad_record == "error":
+                raise
+            stats.skipped[exc.reason] += 1
+            first.setdefault(exc.reason, str(exc))
+            continue
+        if record.chosen == record.rejected:
+            stats.dropped["identical_pair"] += 1
+            first.setdefault("identical_pair", location)
+            continue
+        records.append(record)
+        stats.kept += 1
+        if limit is not None and stats.kept >= limit:
+            break
+    # One line per reason, not per record: a noisy file must not flood the log.
+    for reason, count in sorted(stats.dropped.items()):
+        why = DROP_REASONS[reason]
+        logger.warning(
+            "dropped %d record(s) [%s: %s], first at %s", count, reason, why, first[reason]
+        )
+    for reason, count in sorted(stats.skipped.items()):
+        logger.warning("skipped %d bad record(s) [%s], first: %s", count, reason, first[reason])
+    return records, stats
+
+
+def read_preference_records(
+    source: str,
+    *,
+    split: str = "train",
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    limit: int | None = None,
+) -> tuple[list[PreferenceRecord], ReadStats]:
+    """Read, validate and normalise all preference pairs of a source.
+
+    Args:
+        source: A file, a directory or a hub dataset name (see :func:`iter_raw_records`).
+        split: The split to load; used only for hub datasets.
+        fmt: ``"auto"``, ``"hh"`` or ``"prompt"`` (see :func:`parse_record`).
+        on_bad_record: ``"error"`` raises on the first bad record; ``"skip"`` skips and
+            counts bad records by reason and logs one warning per reason.
+        limit: Stop once this many records are kept (``None``: read everything).
+
+    Returns:
+        The kept records, in source order, and the read statistics.
+
+    Raises:
+        RecordError: A bad record with ``on_bad_record="error"`` (the real HH test files
+            contain a few empty responses, so read HH with ``"skip"``).
+        FileNotFoundError: ``source`` looks like a path but does not exist.
+        ValueError: Unknown ``on_bad_record`` or ``fmt``, or a negative ``limit``.
+    """
+    records, stats = _collect(_iter_source(source, split), fmt, on_bad_record, limit)
+    logger.info("%s: %s", source, stats.summary())
+    return records, stats
+
+
+def records_from_dicts(
+    rows: Iterable[dict], name: str, *, fmt: str = "auto", on_bad_record: str = "error"
+) -> tuple[list[PreferenceRecord], ReadStats]:
+    """Validate in-memory rows as :func:`read_preference_records` does.
+
+    Args:
+        rows: Raw records (dicts built in code, rows of a loaded dataset, ...).
+        name: Label for locations, which are ``"name:row N"`` (0-based).
+        fmt: As in :func:`read_preference_records`.
+        on_bad_record: As in :func:`read_preference_records`.
+    """
+    items = ((f"{name}:row {i}", row, None) for i, row in enumerate(rows))
+    return _collect(items, fmt, on_bad_record)

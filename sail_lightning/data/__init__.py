@@ -1,0 +1,3 @@
+from sail_lightning.data.datamodule import PreferenceDataModule
+
+__all__ = ["PreferenceDataModule"]

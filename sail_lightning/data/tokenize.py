@@ -1,0 +1,92 @@
+"""Turn preference records into token ids, and batches of them into padded tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sail_lightning.data.records import PreferenceRecord
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A prompt and two responses as token ids (responses end with eos unless truncated)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def encode_prompt(tokenizer, record: PreferenceRecord, max_length: int) -> list[int]:
+    """Prompt ids, through the tokenizer's chat template when it has one.
+
+    Truncated from the left: the end of a dialogue, next to the response, matters most.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": role, "content": content} for role, content in record.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already holds any bos token: do not add it twice.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(record.prompt)["input_ids"]
+    return ids[-max_length:]
+
+
+def encode_response(tokenizer, text: str, max_length: int) -> list[int]:
+    """Response ids followed by eos, truncated from the right (a truncated one has no eos)."""
+    if getattr(tokenizer, "chat_template", None):
+        # Chat templates render assistant turns trimmed; raw HH keeps "Assistant: reply".
+        text = text.lstrip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_length]
+
+
+def tokenize_records(
+    tokenizer, records: Sequence[PreferenceRecord], max_prompt_length: int, max_response_length: int
+) -> list[TokenizedPair]:
+    """Tokenize every record; lengths are limits, so nothing is dropped here."""
+    return [
+        TokenizedPair(
+            prompt_ids=encode_prompt(tokenizer, r, max_prompt_length),
+            chosen_ids=encode_response(tokenizer, r.chosen, max_response_length),
+            rejected_ids=encode_response(tokenizer, r.rejected, max_response_length),
+        )
+        for r in records
+    ]
+
+
+class PreferenceCollator:
+    """Pads a list of examples into one batch with chosen and rejected stacked.
+
+    Rows ``[:B]`` of ``input_ids``, ``attention_mask`` and ``response_mask`` are
+    prompt+chosen, rows ``[B:]`` prompt+rejected, right-padded to one length so that each
+    model runs once per batch. ``route`` has shape ``(B,)``.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
+        rows, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                rows.append(ex["prompt_ids"] + ex[key])
+                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[key]))
+        width = max(len(r) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        response_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (row, mask) in enumerate(zip(rows, masks, strict=False)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            response_mask[i, : len(row)] = torch.tensor(mask)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "route": torch.tensor([int(ex["route"]) for ex in examples], dtype=torch.long),
+        }

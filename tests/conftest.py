@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models and tokenizers built locally (nothing is downloaded)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED_DATA = Path(os.environ.get("SAIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="session")
+def synthetic_tokenizer():
+    from sail_lightning.synthetic import build_tokenizer
+
+    return build_tokenizer("synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, synthetic_tokenizer):
+    """A tiny Llama and its tokenizer saved to a folder: loaded back by path, as a hub name is."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sail_lightning.synthetic import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(synthetic_tokenizer, hidden_size=32, num_hidden_layers=2)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(path)
+    synthetic_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,52 @@
+"""Tokenization: truncation sides, eos, chat templates, batch layout."""
+
+from sail_lightning.data.records import PreferenceRecord
+from sail_lightning.data.tokenize import (
+    PreferenceCollator,
+    encode_prompt,
+    encode_response,
+    tokenize_records,
+)
+
+
+def record(prompt="d a c b =", chosen="a b c d", rejected="a b"):
+    return PreferenceRecord(prompt=prompt, messages=(("user", prompt),), chosen=chosen,
+                            rejected=rejected, location="x:1")
+
+
+def test_prompt_truncated_from_left_response_from_right(synthetic_tokenizer):
+    tok = synthetic_tokenizer
+    full = encode_prompt(tok, record(), 100)
+    assert full[0] == tok.bos_token_id and tok.convert_ids_to_tokens(full[-1]) == "="
+    assert encode_prompt(tok, record(), 3) == full[-3:]
+    resp = encode_response(tok, "a b c d", 100)
+    assert resp[-1] == tok.eos_token_id and len(resp) == 5
+    assert encode_response(tok, "a b c d", 2) == resp[:2]  # truncated: no eos
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(synthetic_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(synthetic_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
+    rec = PreferenceRecord(prompt="ignored", messages=(("user", "b a"), ("assistant", "a b"),
+                                                       ("user", "c")),
+                           chosen="c", rejected="a", location="x:1")
+    ids = encode_prompt(tok, rec, 100)
+    assert tok.convert_ids_to_tokens(ids) == ["b", "a", "a", "b", "c", "="]
+
+
+def test_collator_layout(synthetic_tokenizer):
+    pairs = tokenize_records(synthetic_tokenizer, [record(), record(prompt="b a =")], 16, 16)
+    examples = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids,
+                 "rejected_ids": p.rejected_ids, "route": i} for i, p in enumerate(pairs)]
+    batch = PreferenceCollator(synthetic_tokenizer.pad_token_id)(examples)
+    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert ids.shape[0] == 4
+    for row, (p, key) in enumerate([(p, k) for k in ("chosen_ids", "rejected_ids") for p in pairs]):
+        n_p, n_r = len(p.prompt_ids), len(getattr(p, key))
+        assert ids[row, : n_p + n_r].tolist() == p.prompt_ids + getattr(p, key)
+        assert att[row].sum() == n_p + n_r
+        assert resp[row].tolist() == [0] * n_p + [1] * n_r + [0] * (ids.shape[1] - n_p - n_r)
+        assert (ids[row, n_p + n_r:] == synthetic_tokenizer.pad_token_id).all()

@@ -87,10 +87,11 @@ def test_label_term_gradient_is_c_ell_grad_ell():
         routes = torch.full((n,), int(route))
         seed = 11
         # Same seed -> same DP flips in both calls, so the difference is the label term alone.
-        with_term, m = sail_loss(*lp, routes, beta=BETA, coef_dp=c if route == Route.DP else 0.0,
-                                 coef_pp=c if route == Route.PP else 0.0, response_term="score_function",
+        coefs = {"coef_dp": c} if route == Route.DP else {"coef_pp": c}
+        with_term, m = sail_loss(*lp, routes, beta=BETA, **coefs,
                                  generator=torch.Generator().manual_seed(seed))
-        without, _ = sail_loss(*lp, routes, beta=BETA, generator=torch.Generator().manual_seed(seed))
+        without, _ = sail_loss(*lp, routes, beta=BETA,
+                               generator=torch.Generator().manual_seed(seed))
         g_with = grads(with_term, lp[:2])
         g_without = grads(without, lp[:2])
         # Recreate the flips independently and differentiate ell alone.

@@ -1,0 +1,3 @@
+from sail_lightning.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""The `sail-lightning` command: LightningCLI over SAILModule and PreferenceDataModule."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from sail_lightning.data.datamodule import PreferenceDataModule
+from sail_lightning.module import SAILModule
+
+
+def _tokenizer_name(model_name_or_path: str | None, tokenizer: str | None) -> str | None:
+    return tokenizer or model_name_or_path
+
+
+class SAILCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # One tokenizer per run: the model's, handed to the data.
+        parser.link_arguments(("model.model_name_or_path", "model.tokenizer"), "data.tokenizer",
+                              compute_fn=_tokenizer_name)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run ``sail-lightning <subcommand> ...``; ``args`` replaces ``sys.argv`` (tests)."""
+    SAILCLI(
+        SAILModule,
+        PreferenceDataModule,
+        seed_everything_default=0,  # an explicit seed: two runs of one config match
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""SAILModule: policy, reference and the SAIL / DPO-family training step."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+
+from sail_lightning.logprobs import concatenated_logprobs
+from sail_lightning.models import LoraOptions, add_lora, build_causal_lm, frozen_copy, resolve_dtype
+from sail_lightning.objectives import (
+    BASELINES,
+    LOSS_TYPES,
+    RESPONSE_TERMS,
+    Route,
+    preference_metrics,
+    sail_loss,
+)
+
+_SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+
+
+class SAILModule(L.LightningModule):
+    """The SAIL objective (and DPO, IPO, hinge, cDPO) on a policy and a frozen reference.
+
+    The method is configuration: each example's route (set by the data) picks its terms, and
+    the coefficients below weigh them. All coefficients zero is DPO.
+
+    Args:
+        model_name_or_path: hub name or local folder of the policy (``from_pretrained``).
+        model_config: a transformers config dict for a freshly initialised model (tiny
+            models for tests and the quickstart); exclusive with ``model_name_or_path``.
+        tokenizer: tokenizer name or path; defaults to ``model_name_or_path``.
+            ``"synthetic"`` is the embedded task's tokenizer.
+        ref_model_name_or_path: a separate reference model; default: a frozen copy of the
+            initial policy, or, with ``lora``, the policy with its adapters disabled.
+        lora: LoRA options; unset means full fine-tuning.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
+        gradient_checkpointing: trade compute for activation memory.
+        beta: KL strength of DPO (the paper's beta).
+        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge`` or ``ipo``.
+        label_smoothing: cDPO / robust DPO epsilon.
+        coef_dp: label-term weight on SAIL-DP examples (the paper's rho).
+        coef_pp: label- and response-term weight on SAIL-PP examples (pi).
+        coef_pr: response-term weight on SAIL-PR examples (gamma).
+        response_term: ``score_function`` (the derivation) or ``released_code`` (the
+            authors' gradient hook, to reproduce their runs).
+        baseline: ``none`` or ``mean`` (variance-reducing baseline of the score function).
+        label_seed: seed of the SAIL-DP label draws (offset by the rank).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the optimizer steps spent in linear warmup.
+        scheduler: decay after warmup: ``cosine``, ``linear`` or ``constant_with_warmup``.
+        logprob_chunk_size: rows per log-softmax chunk (0 = all at once).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        ref_model_name_or_path: str | None = None,
+        lora: LoraOptions | None = None,
+        torch_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        coef_dp: float = 0.0,
+        coef_pp: float = 0.0,
+        coef_pr: float = 0.0,
+        response_term: str = "score_function",
+        baseline: str = "none",
+        label_seed: int = 0,
+        lr: float = 5e-7,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        scheduler: str = "cosine",
+        logprob_chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        _validate(locals())
+        self.save_hyperparameters()
+        self.policy = None
+        self.reference = None
+        self._dp_generator: torch.Generator | None = None
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.hparams.tokenizer or self.hparams.model_name_or_path
+
+    # -- models ----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return  # idempotent: Lightning may call it again (e.g. when resuming)
+        from sail_lightning.synthetic import build_tokenizer
+
+        hp = self.hparams
+        tokenizer = build_tokenizer(self.tokenizer_name)
+        dtype = resolve_dtype(hp.torch_dtype)
+        policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype)
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        if hp.ref_model_name_or_path:
+            self.reference = frozen_copy(
+                build_causal_lm(hp.ref_model_name_or_path, None, tokenizer, dtype))
+        elif hp.lora is None:
+            self.reference = frozen_copy(policy)
+        if hp.lora is not None:
+            lora = hp.lora if isinstance(hp.lora, LoraOptions) else LoraOptions(**hp.lora)
+            policy = add_lora(policy, lora)
+        self.policy = policy
+
+    def reference_logprobs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs: the frozen model, or the policy with its adapters disabled."""
+        if self.reference is not None:
+            model, ctx = self.reference, contextlib.nullcontext()
+        else:
+            model, ctx = self.policy, self.policy.disable_adapter()
+        with torch.no_grad(), ctx:
+            return concatenated_logprobs(model, batch, self.hparams.logprob_chunk_size)
+
+    def _logprobs(self, batch):
+        chunk = self.hparams.logprob_chunk_size
+        lp, counts = concatenated_logprobs(self.policy, batch, chunk)
+        ref, _ = self.reference_logprobs(batch)
+        if self.hparams.loss_type == "ipo":
+            # IPO is defined on length-averaged log-probs.
+            counts = counts.clamp(min=1).to(lp.dtype)
+            lp, ref = lp / counts, ref / counts
+        b = batch["route"].shape[0]
+        return lp[:b], lp[b:], ref[:b], ref[b:]
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self._dp_generator is None:
+            self._dp_generator = torch.Generator().manual_seed(
+                self.hparams.label_seed + self.global_rank)
+        stats = getattr(self.trainer.datamodule, "stats", None)
+        if stats and self.logger is not None:
+            # Counts of kept / skipped / dropped records, so a dashboard shows what was read.
+            self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        loss, metrics = sail_loss(
+            *self._logprobs(batch), batch["route"], beta=hp.beta, coef_dp=hp.coef_dp,
+            coef_pp=hp.coef_pp, coef_pr=hp.coef_pr, response_term=hp.response_term,
+            baseline=hp.baseline, grad_accum=self.trainer.accumulate_grad_batches,
+            generator=self._dp_generator, loss_type=hp.loss_type,
+            label_smoothing=hp.label_smoothing)
+        n = batch["route"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True,
+                 batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        lp_c, lp_r, ref_c, ref_r = self._logprobs(batch)
+        loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full_like(batch["route"], Route.DPO),
+                            beta=hp.beta, loss_type=hp.loss_type,
+                            label_smoothing=hp.label_smoothing)
+        metrics = preference_metrics(lp_c, lp_r, ref_c, ref_r, beta=hp.beta)
+        n = batch["route"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Norm before clipping: what a dashboard needs to see a spike.
+        norms = grad_norm(self.policy, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    # -- optimisation ----------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = get_scheduler(hp.scheduler, optimizer,
+                                 num_warmup_steps=int(hp.warmup_ratio * total),
+                                 num_training_steps=total)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoint state ------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._dp_generator is not None:
+            # The label draws continue where they stopped after a resume.
+            checkpoint["sail_dp_generator"] = self._dp_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "sail_dp_generator" in checkpoint:
+            self._dp_generator = torch.Generator()
+            self._dp_generator.set_state(checkpoint["sail_dp_generator"])
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """Option errors name the option, and come before any model is loaded."""
+    if (args["model_name_or_path"] is None) == (args["model_config"] is None):
+        raise ValueError("set exactly one of model.model_name_or_path (a hub name or folder) "
+                         "and model.model_config (a config dict for a fresh model)")
+    if args["model_name_or_path"] is None and args["tokenizer"] is None:
+        raise ValueError("model.tokenizer is required with model.model_config")
+    checks = [("loss_type", LOSS_TYPES), ("response_term", RESPONSE_TERMS),
+              ("baseline", BASELINES), ("scheduler", _SCHEDULERS)]
+    for name, allowed in checks:
+        if args[name] not in allowed:
+            raise ValueError(f"model.{name} must be one of {allowed}, got {args[name]!r}")
+    if args["beta"] <= 0:
+        raise ValueError(f"model.beta must be > 0, got {args['beta']}")
+    for name in ("coef_dp", "coef_pp", "coef_pr"):
+        if args[name] < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
+    if args["loss_type"] != "sigmoid" and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
+        raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
+                         f"model.loss_type=sigmoid or the model.coef_* options to 0 "
+                         f"(got loss_type={args['loss_type']!r})")
+    if not 0.0 <= args["warmup_ratio"] < 1.0:
+        raise ValueError(f"model.warmup_ratio must be in [0, 1), got {args['warmup_ratio']}")
+    resolve_dtype(args["torch_dtype"])

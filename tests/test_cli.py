@@ -1,0 +1,102 @@
+"""The CLI end to end on CPU, as a user runs it."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sail_lightning.cli import main
+from tests.conftest import CONFIGS, REPO
+
+QUICK = str(CONFIGS / "quickstart.yaml")
+
+
+def out_args(tmp_path):
+    return [f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+
+
+def small(tmp_path, epochs=2):
+    return out_args(tmp_path) + [
+        f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        "--data.num_synthetic_pairs=200",
+    ]
+
+
+def metrics(tmp_path):
+    (path,) = tmp_path.glob("csv/version_*/metrics.csv")
+    return list(csv.DictReader(path.open()))
+
+
+def column(rows, key):
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_quickstart_as_written_learns(tmp_path):
+    main(["fit", "--config", QUICK, *out_args(tmp_path), "--trainer.enable_progress_bar=false"])
+    rows = metrics(tmp_path)
+    acc = column(rows, "val/rewards/accuracies")
+    assert len(acc) == 3 and acc[-1] > 0.5
+    assert column(rows, "data/train_pairs") == [3600.0]
+    assert (tmp_path / "csv").exists() and list(tmp_path.rglob("*.ckpt"))
+
+
+def print_config(capsys, args):
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_stacked_pieces_equal_the_quickstart(capsys):
+    pieces = [f"-c={CONFIGS / p}" for p in ("trainer/cpu.yaml", "model/tiny.yaml",
+                                            "data/synthetic.yaml", "method/sail_dp.yaml")]
+    assert print_config(capsys, pieces) == print_config(capsys, ["-c", QUICK])
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "sail_dp"])
+def test_method_configs_run_stacked_on_the_quickstart(tmp_path, method):
+    main(["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / f"{method}.yaml"), *small(tmp_path)])
+    rows = metrics(tmp_path)
+    assert column(rows, "val/rewards/accuracies")
+    dp = column(rows, "train/routes/dp_fraction")
+    assert (len(dp) > 0) == (method == "sail_dp")
+
+
+ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS)
+def test_every_config_has_a_header_naming_its_command(path):
+    first = (CONFIGS / path).read_text().splitlines()[0]
+    assert first.startswith("# sail-lightning ")
+
+
+def test_same_seed_same_run(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        main(["fit", "-c", QUICK, *small(tmp_path / name, epochs=1)])
+        runs.append(column(metrics(tmp_path / name), "train/loss"))
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def test_resume_from_checkpoint_continues(tmp_path):
+    main(["fit", "-c", QUICK, *small(tmp_path / "first", epochs=1)])
+    (ckpt,) = (tmp_path / "first").rglob("*.ckpt")
+    main(["fit", "-c", QUICK, *small(tmp_path / "resumed", epochs=2), f"--ckpt_path={ckpt}"])
+    rows = metrics(tmp_path / "resumed")
+    assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {1}
+
+
+def test_bad_data_option_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        main(["fit", "-c", QUICK, *small(tmp_path), "--data.source=./nowhere.jsonl"])
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "sail_lightning", "fit", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--model.coef_dp" in out.stdout and "--data.mix_dp" in out.stdout

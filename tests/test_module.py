@@ -1,0 +1,147 @@
+"""SAILModule: model building, reference, training step, accumulation, clipping, options."""
+
+import lightning as L
+import pytest
+import torch
+
+from sail_lightning.data.datamodule import PreferenceDataModule
+from sail_lightning.models import LoraOptions
+from sail_lightning.module import SAILModule
+from tests.conftest import TINY_CONFIG
+
+
+def tiny_module(**kw):
+    kw.setdefault("model_config", TINY_CONFIG)
+    kw.setdefault("tokenizer", "synthetic")
+    return SAILModule(**kw)
+
+
+def batch_of(dm, n=4):
+    return next(iter(torch.utils.data.DataLoader(
+        [dm.train_dataloader().dataset[i] for i in range(n)], batch_size=n,
+        collate_fn=dm.train_dataloader().collate_fn)))
+
+
+@pytest.fixture(scope="module")
+def dm():
+    d = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
+                             val_fraction=0.125, max_prompt_length=16, max_response_length=16)
+    d.setup("fit")
+    return d
+
+
+def test_configure_model_is_idempotent_and_reference_frozen():
+    m = tiny_module()
+    m.configure_model()
+    policy = m.policy
+    m.configure_model()
+    assert m.policy is policy
+    assert not any(p.requires_grad for p in m.reference.parameters())
+    assert all(p.requires_grad for p in m.policy.parameters())
+
+
+def test_local_path_loads_like_a_hub_name_and_reference_starts_equal(tiny_model_dir, dm):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir))  # tokenizer defaults to the path
+    m.configure_model()
+    batch = batch_of(dm)
+    lp_c, lp_r, ref_c, ref_r = m._logprobs(batch)
+    torch.testing.assert_close(lp_c, ref_c)
+    torch.testing.assert_close(lp_r, ref_r)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir, dm):
+    from transformers import AutoModelForCausalLM
+
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LoraOptions(r=4, alpha=8,
+                   dropout=0.0))
+    m.configure_model()
+    assert m.reference is None
+    trainable = [n for n, p in m.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # Move the adapters away from their zero init, so policy and reference differ.
+    with torch.no_grad():
+        for n, p in m.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    batch = batch_of(dm)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from sail_lightning.logprobs import concatenated_logprobs
+
+    with torch.no_grad():
+        expected, _ = concatenated_logprobs(base, batch)
+    ref, _ = m.reference_logprobs(batch)
+    torch.testing.assert_close(ref, expected)
+    m.policy.eval()
+    pol, _ = concatenated_logprobs(m.policy, batch)
+    assert not torch.allclose(pol, expected)
+
+
+class GradCapture(L.Callback):
+    def __init__(self):
+        self.grads, self.norms = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for p in pl_module.policy.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        if grads:  # after clipping, before the next zero_grad
+            self.norms.append(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+def fit_once(batch_size, accumulate, clip=None, mix_dp=0.0, coef_dp=0.0):
+    L.seed_everything(0)
+    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=80, batch_size=batch_size,
+                              val_fraction=0.0, mix_dp=mix_dp, max_prompt_length=16,
+                              max_response_length=16)
+    cap = GradCapture()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate,
+                        gradient_clip_val=clip, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cap],
+                        limit_val_batches=0)
+    trainer.fit(tiny_module(coef_dp=coef_dp, lr=1e-3), datamodule=dm)
+    return cap
+
+
+def test_accumulating_two_batches_of_4_gives_the_gradient_of_one_batch_of_8():
+    one = fit_once(batch_size=8, accumulate=1).grads[0]
+    two = fit_once(batch_size=4, accumulate=2).grads[0]
+    for a, b in zip(one, two, strict=False):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_clipping_bounds_the_update():
+    unclipped = fit_once(batch_size=8, accumulate=1).norms[0]
+    clipped = fit_once(batch_size=8, accumulate=1, clip=1e-3).norms[0]
+    assert unclipped > 1e-2 and clipped == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_sail_dp_step_logs_route_metrics_and_differs_from_dpo(dm):
+    m = tiny_module(coef_dp=0.2)
+    m.configure_model()
+    m._dp_generator = torch.Generator().manual_seed(0)
+    batch = batch_of(dm, 8)
+    batch["route"][:] = 1
+    hp = m.hparams
+    from sail_lightning.objectives import sail_loss
+
+    lps = m._logprobs(batch)
+    sail, metrics = sail_loss(*lps, batch["route"], beta=hp.beta, coef_dp=0.2,
+                              generator=torch.Generator().manual_seed(0))
+    dpo, _ = sail_loss(*lps, torch.zeros_like(batch["route"]), beta=hp.beta, coef_dp=0.2)
+    assert "dp/flip_rate" in metrics and not torch.equal(sail, dpo)
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    ({"model_config": None}, "model_name_or_path"),
+    ({"loss_type": "kto"}, "loss_type"),
+    ({"loss_type": "ipo", "coef_dp": 0.2}, "loss_type"),
+    ({"coef_pr": -0.1}, "coef_pr"),
+    ({"response_term": "hook"}, "response_term"),
+    ({"torch_dtype": "float8"}, "torch_dtype"),
+    ({"beta": 0.0}, "beta"),
+])
+def test_bad_options_name_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        tiny_module(**kwargs)

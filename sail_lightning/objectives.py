@@ -133,8 +133,8 @@ def sail_loss(
       to the derivation. Use it to reproduce the paper's runs.
 
     DPO, DP and label terms, and the score-function term, are averaged over the whole batch
-    (``sum / B``) with per-example coefficients. All routes DPO, or zero coefficients,
-    give exactly ``dpo_loss(...).mean()``.
+    (``sum / B``) with per-example coefficients. All routes DPO, or PP/PR routes with zero
+    coefficients, give exactly ``dpo_loss(...).mean()`` (DP rows still resample labels).
 
     Args:
         route: LongTensor ``(B,)`` of :class:`Route` values.
@@ -193,9 +193,14 @@ def sail_loss(
             b = ell_d[has_resp].mean().expand_as(ell_d)
         response = (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
     else:
-        hook_c = (ell / lp_c).detach() * lp_c
-        hook_r = (ell / lp_r).detach() * lp_r
-        response = grad_accum * (-c_resp * hook_c - c_resp * hook_r).sum()
+        # Rows without a response coefficient are masked out before dividing: a log-prob of
+        # exactly 0 (a confident one-token response) would otherwise give 0 * inf = NaN.
+        on = c_resp > 0
+        one = torch.ones_like(lp_c)
+        hook_c = (ell / torch.where(on, lp_c, one)).detach() * lp_c
+        hook_r = (ell / torch.where(on, lp_r, one)).detach() * lp_r
+        terms = torch.where(on, -c_resp * hook_c - c_resp * hook_r, torch.zeros_like(hook_c))
+        response = grad_accum * terms.sum()
 
     dpo_term = base.mean()
     loss = dpo_term + label_term + response
@@ -204,11 +209,15 @@ def sail_loss(
     metrics["loss/dpo_term"] = dpo_term.detach()
     metrics["loss/label_term"] = label_term.detach()
     metrics["loss/response_term"] = response.detach()
+    label_rows = (-0.5 * c_label * ell**2).detach()
     for r in Route:
         mask = route == r
         if bool(mask.any()):
-            metrics[f"loss/route_{r.name.lower()}"] = base.detach()[mask].mean()
-            metrics[f"routes/{r.name.lower()}_fraction"] = mask.float().mean()
+            name = r.name.lower()
+            metrics[f"loss/route_{name}"] = base.detach()[mask].mean()
+            metrics[f"routes/{name}_fraction"] = mask.float().mean()
+            if r in (Route.DP, Route.PP):
+                metrics[f"loss/label_{name}"] = label_rows[mask].sum() / n
     if bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
     return loss, metrics

@@ -141,7 +141,8 @@ def test_released_code_equals_authors_hook(grad_accum):
     n, c = 6, 0.3
     lp = random_logps(n, seed=9)
     routes = torch.tensor([3, 2, 3, 0, 3, 2])
-    ours, _ = sail_loss(*lp, routes, beta=BETA, coef_pr=c, coef_pp=0.0,
+    c_pp = 0.2
+    ours, _ = sail_loss(*lp, routes, beta=BETA, coef_pr=c, coef_pp=c_pp,
                         response_term="released_code", grad_accum=grad_accum)
     # Lightning divides the loss by the accumulation steps, as TRL's trainer does.
     g_ours = grads(ours / grad_accum, lp[:2])
@@ -151,12 +152,24 @@ def test_released_code_equals_authors_hook(grad_accum):
     lp_c = lp[0].detach().clone().requires_grad_()
     lp_r = lp[1].detach().clone().requires_grad_()
     ell = F.logsigmoid(BETA * ((lp_c - lp[2]) - (lp_r - lp[3])))
-    coef = torch.where(routes == 3, c, 0.0).double()
+    coef = torch.where(routes == 3, c, torch.where(routes == 2, c_pp, 0.0)).double()
     lp_c.register_hook(lambda g: g - coef * (ell / lp_c).detach())
     lp_r.register_hook(lambda g: g - coef * (ell / lp_r).detach())
-    ((-ell).mean() / grad_accum).backward()
+    # PP rows also carry the label term -0.5 c ell^2 (mean over the batch).
+    label = (-0.5 * coef * ell**2 * (routes == 2)).sum() / n
+    (((-ell).mean() + label) / grad_accum).backward()
     torch.testing.assert_close(g_ours[0], lp_c.grad)
     torch.testing.assert_close(g_ours[1], lp_r.grad)
+
+
+@pytest.mark.parametrize("form", ["released_code", "score_function"])
+def test_zero_logprob_on_rows_without_response_term_is_not_nan(form):
+    lp = margins_to_logps([1.0, 2.0])  # policy chosen log-probs 10, 20; others exactly 0
+    lp_c, lp_r, ref_c, ref_r = lp
+    routes = torch.tensor([0, 1])
+    loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, routes, beta=BETA, coef_pr=0.3,
+                        response_term=form, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
 
 
 def test_dp_flip_rate_matches_policy_preference():

@@ -1,0 +1,300 @@
+"""Labellers: reward model (padding, pooling, chat template, frozen, lazy), ranker, callable,
+oracle, import paths and input validation."""
+
+import copy
+
+import pytest
+import torch
+
+from sail_lightning.labellers import (
+    CallableLabeller,
+    Labeller,
+    Labels,
+    OracleLabeller,
+    PairwiseRankerLabeller,
+    RewardModelLabeller,
+    resolve_callable,
+)
+from sail_lightning.synthetic import SyntheticTask
+
+# Mixed lengths, so a batch needs padding; the last pair is a tie for the callable tests.
+PROMPTS = ["d a c b =", "b a =", "e e f c a b d g =", "c b ="]
+RESP_A = ["a b c d", "a", "a b c d e e f g", "b c"]
+RESP_B = ["a b", "a b", "g f e", "b c"]
+RANKER_P = [0.9, 0.2, 0.5, 0.7]
+
+
+def my_ranker(prompts, responses_a, responses_b):
+    """Fixed P(a > b) per position (cycling), referenced by import path in the tests."""
+    return [RANKER_P[i % len(RANKER_P)] for i in range(len(prompts))]
+
+
+def bool_ranker(prompts, responses_a, responses_b):
+    return [len(a) > len(b) for a, b in zip(responses_a, responses_b, strict=True)]
+
+
+def length_score(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+NOT_CALLABLE = 3
+
+
+# -- reward model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, synthetic_tokenizer):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from sail_lightning.synthetic import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(synthetic_tokenizer, hidden_size=32, num_hidden_layers=2)
+    config = AutoConfig.for_model(**cfg, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    synthetic_tokenizer.save_pretrained(path)
+    return path
+
+
+def direct_score(model, ids):
+    """One sequence alone: batch of one, no padding."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def test_reward_model_scores_match_unpadded_forward(reward_model_dir):
+    labeller = RewardModelLabeller(str(reward_model_dir), batch_size=3, progress=False)
+    labels = labeller.label(PROMPTS, RESP_A, RESP_B)
+    tok, model = labeller.tokenizer, labeller.model
+    for responses, scores in ((RESP_A, labels.scores_a), (RESP_B, labels.scores_b)):
+        for i, (x, y) in enumerate(zip(PROMPTS, responses, strict=True)):
+            ids = tok(x)["input_ids"] + tok(y, add_special_tokens=False)["input_ids"]
+            assert scores[i].item() == pytest.approx(direct_score(model, ids), abs=1e-5)
+    assert labels.a_preferred.dtype == torch.bool
+    assert torch.equal(labels.a_preferred, labels.scores_a >= labels.scores_b)
+    assert labels.a_preferred[3]  # identical responses tie: a is chosen
+    assert torch.allclose(labeller.score(PROMPTS, RESP_A), labels.scores_a, atol=1e-5)
+
+
+def test_reward_model_truncates_from_the_left(reward_model_dir):
+    labeller = RewardModelLabeller(str(reward_model_dir), max_length=5, progress=False)
+    scores = labeller.score(PROMPTS, RESP_A)
+    tok = labeller.tokenizer
+    for i, (x, y) in enumerate(zip(PROMPTS, RESP_A, strict=True)):
+        ids = (tok(x)["input_ids"] + tok(y, add_special_tokens=False)["input_ids"])[-5:]
+        assert scores[i].item() == pytest.approx(direct_score(labeller.model, ids), abs=1e-5)
+
+
+def test_reward_model_applies_its_chat_template(tmp_path, reward_model_dir, synthetic_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = copy.deepcopy(synthetic_tokenizer)
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }} "
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    tok.save_pretrained(tmp_path)
+    AutoModelForSequenceClassification.from_pretrained(reward_model_dir).save_pretrained(tmp_path)
+    messages = [[("user", x)] for x in PROMPTS]
+
+    labeller = RewardModelLabeller(str(tmp_path), batch_size=2, progress=False)
+    scores = labeller.score(PROMPTS, RESP_A, messages=messages)
+    for i, (x, y) in enumerate(zip(PROMPTS, RESP_A, strict=True)):
+        text = f"<bos>{x} {y} <eos>"
+        chat = [{"role": "user", "content": x}, {"role": "assistant", "content": y}]
+        assert labeller.tokenizer.apply_chat_template(chat, tokenize=False) == text
+        ids = labeller.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids.count(tok.bos_token_id) == 1
+        assert scores[i].item() == pytest.approx(direct_score(labeller.model, ids), abs=1e-5)
+    # label() takes the same path (messages as JSON-like lists of lists too).
+    as_lists = [[list(turn) for turn in m] for m in messages]
+    labels = labeller.label(PROMPTS, RESP_A, RESP_B, messages=as_lists)
+    assert torch.allclose(labels.scores_a, scores, atol=1e-5)
+    # Without messages the plain prompt + response is scored: a different input, other scores.
+    assert not torch.allclose(scores, labeller.score(PROMPTS, RESP_A))
+
+
+def test_reward_model_is_frozen_in_eval_mode(reward_model_dir):
+    labeller = RewardModelLabeller(str(reward_model_dir), progress=False)
+    assert labeller.to("cpu") is labeller
+    labeller.score(PROMPTS[:1], RESP_A[:1])
+    assert not labeller.model.training
+    assert all(not p.requires_grad for p in labeller.model.parameters())
+    assert labeller.model.config.pad_token_id == labeller.tokenizer.pad_token_id
+
+
+def test_reward_model_device_follows_to_unless_pinned():
+    assert RewardModelLabeller("x").device == torch.device("cpu")
+    assert RewardModelLabeller("x").to("meta").device == torch.device("meta")
+    assert RewardModelLabeller("x", device="cpu").to("meta").device == torch.device("cpu")
+
+
+def test_reward_model_loads_lazily_and_names_the_path(tmp_path):
+    missing = str(tmp_path / "no_such_reward_model")
+    labeller = RewardModelLabeller(missing)  # cheap: nothing is read yet
+    assert labeller.model is None
+    with pytest.raises(OSError, match="no_such_reward_model"):
+        labeller.label(PROMPTS, RESP_A, RESP_B)
+
+
+def test_reward_model_config_errors_come_first():
+    with pytest.raises(ValueError, match="torch_dtype"):
+        RewardModelLabeller("x", torch_dtype="float64")
+    with pytest.raises(ValueError, match="batch_size"):
+        RewardModelLabeller("x", batch_size=0)
+    with pytest.raises(RuntimeError):
+        RewardModelLabeller("x", device="nonsense")
+
+
+# -- pairwise ranker ---------------------------------------------------------------------------
+
+
+def test_ranker_by_import_path_deterministic():
+    for path in ("tests.test_labellers:my_ranker", "tests.test_labellers.my_ranker"):
+        labels = PairwiseRankerLabeller(path).label(PROMPTS, RESP_A, RESP_B)
+        assert labels.a_preferred.tolist() == [True, False, True, True]  # p >= 0.5
+        assert labels.scores_a is None and labels.scores_b is None
+    labels = PairwiseRankerLabeller(bool_ranker).label(PROMPTS, RESP_A, RESP_B)
+    assert labels.a_preferred.tolist() == [True, False, True, False]
+    assert PairwiseRankerLabeller(my_ranker).score(PROMPTS, RESP_A) is None
+
+
+def test_ranker_sampled_frequency_and_seed():
+    n = 4000
+    prompts, a, b = PROMPTS * (n // 4), RESP_A * (n // 4), RESP_B * (n // 4)
+    ranker = PairwiseRankerLabeller("tests.test_labellers:my_ranker", sample=True, seed=1)
+    wins = ranker.label(prompts, a, b).a_preferred.view(-1, 4).float().mean(0)
+    assert torch.allclose(wins, torch.tensor(RANKER_P), atol=0.04)
+
+    def draws(seed):
+        lab = PairwiseRankerLabeller(my_ranker, sample=True, seed=seed)
+        return [lab.label(PROMPTS, RESP_A, RESP_B).a_preferred for _ in range(5)]
+
+    first, again, other = draws(7), draws(7), draws(8)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
+
+
+def test_ranker_output_checked():
+    with pytest.raises(ValueError, match="shape"):
+        PairwiseRankerLabeller(lambda p, a, b: [0.5]).label(PROMPTS, RESP_A, RESP_B)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PairwiseRankerLabeller(lambda p, a, b: [2.0] * len(p)).label(PROMPTS, RESP_A, RESP_B)
+
+
+# -- callable and import paths -----------------------------------------------------------------
+
+
+def test_callable_labeller_by_import_path():
+    labeller = CallableLabeller("tests.test_labellers:length_score")
+    labels = labeller.label(PROMPTS, RESP_A, RESP_B)
+    assert labels.scores_a.tolist() == [4.0, 1.0, 8.0, 2.0]
+    assert labels.scores_b.tolist() == [2.0, 2.0, 3.0, 2.0]
+    assert labels.a_preferred.tolist() == [True, False, True, True]  # tie -> a
+    assert labeller.score(PROMPTS, RESP_B).dtype == torch.float32
+    tensor_fn = CallableLabeller(lambda p, r: torch.arange(len(r), dtype=torch.float64))
+    assert tensor_fn.score(PROMPTS, RESP_A).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_bad_import_paths():
+    assert resolve_callable("tests.test_labellers.length_score") is length_score
+    with pytest.raises(ImportError, match="no_such_module_xyz"):
+        CallableLabeller("no_such_module_xyz:fn")
+    with pytest.raises(AttributeError, match="tests.test_labellers:missing_fn"):
+        CallableLabeller("tests.test_labellers:missing_fn")
+    with pytest.raises(AttributeError, match="missing_fn"):
+        PairwiseRankerLabeller("tests.test_labellers.missing_fn")
+    with pytest.raises(TypeError, match="not callable"):
+        resolve_callable("tests.test_labellers:NOT_CALLABLE")
+    with pytest.raises(ValueError, match="import path"):
+        resolve_callable("nodots")
+
+
+# -- oracle ------------------------------------------------------------------------------------
+
+
+def test_oracle_scores_and_argmax():
+    task = SyntheticTask()
+    oracle = OracleLabeller(sample=False)
+    labels = oracle.label(PROMPTS, RESP_A, RESP_B)
+    assert torch.equal(labels.scores_a, task.score(PROMPTS, RESP_A))
+    assert torch.equal(labels.scores_b, task.score(PROMPTS, RESP_B))
+    assert torch.equal(oracle.score(PROMPTS, RESP_B), task.score(PROMPTS, RESP_B))
+    assert labels.a_preferred.tolist() == [True, False, True, True]
+
+
+def test_oracle_sampled_frequency_and_seed():
+    task = SyntheticTask(temperature=0.5)  # soft enough that the probabilities are not 0 or 1
+    n = 4000
+    prompts, a, b = PROMPTS * (n // 4), RESP_A * (n // 4), RESP_B * (n // 4)
+    wins = OracleLabeller(task, seed=3).label(prompts, a, b).a_preferred
+    freq = wins.view(-1, 4).float().mean(0)
+    assert torch.allclose(freq, task.preference_prob(PROMPTS, RESP_A, RESP_B), atol=0.04)
+    # The draws are the task's own oracle with a generator seeded alike.
+    expected = task.prefer(prompts, a, b, torch.Generator().manual_seed(3))
+    assert torch.equal(wins, expected)
+    again = OracleLabeller(task, seed=3).label(prompts, a, b).a_preferred
+    assert torch.equal(wins, again)
+    assert not torch.equal(wins, OracleLabeller(task, seed=4).label(prompts, a, b).a_preferred)
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"class_path": "sail_lightning.labellers.RewardModelLabeller",
+         "init_args": {"name_or_path": "/not/loaded/yet", "device": "cpu",
+                       "torch_dtype": "bfloat16", "batch_size": 4}},
+        {"class_path": "sail_lightning.labellers.PairwiseRankerLabeller",
+         "init_args": {"ranker": "tests.test_labellers:my_ranker", "sample": True, "seed": 3}},
+        {"class_path": "sail_lightning.labellers.CallableLabeller",
+         "init_args": {"fn": "tests.test_labellers.length_score"}},
+        {"class_path": "sail_lightning.labellers.OracleLabeller",
+         "init_args": {"task": {"temperature": 0.5}, "sample": False}},
+    ],
+    ids=lambda c: c["class_path"].rsplit(".", 1)[-1],
+)
+def test_built_from_yaml_primitives(config):
+    """As LightningCLI does: class_path / init_args holding strings and numbers only."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Labeller, "labeller")
+    namespace = parser.parse_object({"labeller": config})
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    labeller = instantiate(namespace).labeller
+    assert type(labeller).__name__ == config["class_path"].rsplit(".", 1)[-1]
+    if not isinstance(labeller, RewardModelLabeller):  # the others label right away
+        assert labeller.label(PROMPTS, RESP_A, RESP_B).a_preferred.shape == (4,)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "labeller",
+    [OracleLabeller(), CallableLabeller(length_score), PairwiseRankerLabeller(my_ranker),
+     RewardModelLabeller("never_loaded")],
+    ids=["oracle", "callable", "ranker", "reward_model"],
+)
+def test_length_mismatch(labeller):
+    assert isinstance(labeller, Labeller)
+    with pytest.raises(ValueError, match="4 prompts, 3 responses_a, 4 responses_b"):
+        labeller.label(PROMPTS, RESP_A[:3], RESP_B)
+    with pytest.raises(ValueError, match="2 messages"):
+        labeller.label(PROMPTS, RESP_A, RESP_B, messages=[[("user", "x")]] * 2)
+    with pytest.raises(TypeError, match="single string"):
+        labeller.label("d a c b =", RESP_A, RESP_B)
+    if not isinstance(labeller, PairwiseRankerLabeller):  # the ranker has no scores
+        # Checked before anything is loaded: the reward model here does not exist.
+        with pytest.raises(ValueError, match="4 prompts, 3 responses"):
+            labeller.score(PROMPTS, RESP_A[:3])
+
+
+def test_labels_defaults():
+    labels = Labels(torch.tensor([True]))
+    assert labels.scores_a is None and labels.scores_b is None

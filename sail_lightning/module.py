@@ -9,13 +9,16 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import grad_norm
 
+from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
 from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.models import LoraOptions, add_lora, build_causal_lm, frozen_copy, resolve_dtype
 from sail_lightning.objectives import (
     BASELINES,
+    BONUS_FORMS,
     LOSS_TYPES,
     RESPONSE_TERMS,
     Route,
+    exploration_bonus,
     preference_metrics,
     sail_loss,
 )
@@ -49,7 +52,13 @@ class SAILModule(L.LightningModule):
         response_term: ``score_function`` (the derivation) or ``released_code`` (the
             authors' gradient hook, to reproduce their runs).
         baseline: ``none`` or ``mean`` (variance-reducing baseline of the score function).
-        label_seed: seed of the SAIL-DP label draws (offset by the rank).
+        bonus_alpha: weight of the exploration bonus on pairs that carry a bonus response
+            (SELM: 1e-3, XPO: 1e-5; 0 turns it off).
+        bonus_form: ``selm`` (alpha beta log pi/pi_ref of the reference sample) or ``xpo``
+            (alpha log pi of the reference sample).
+        label_seed: seed of the SAIL-DP label draws; each batch's draws are seeded by
+            ``(label_seed, epoch, batch, rank)``, so a resumed run draws what an
+            uninterrupted one would, on any number of processes.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
@@ -74,6 +83,8 @@ class SAILModule(L.LightningModule):
         coef_pr: float = 0.0,
         response_term: str = "score_function",
         baseline: str = "none",
+        bonus_alpha: float = 0.0,
+        bonus_form: str = "selm",
         label_seed: int = 0,
         lr: float = 5e-7,
         weight_decay: float = 0.0,
@@ -86,7 +97,7 @@ class SAILModule(L.LightningModule):
         self.save_hyperparameters()
         self.policy = None
         self.reference = None
-        self._dp_generator: torch.Generator | None = None
+        self._ref_adapter: str | None = None  # LoRA: a frozen copy of the policy's adapter
 
     @property
     def tokenizer_name(self) -> str:
@@ -115,34 +126,117 @@ class SAILModule(L.LightningModule):
             policy = add_lora(policy, lora)
         self.policy = policy
 
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The reference as a model: a frozen copy, the policy's frozen reference adapter
+        (after an update), or the policy with its adapters disabled."""
+        if self.reference is not None:
+            yield self.reference
+        elif self._ref_adapter is not None:
+            self.policy.set_adapter(self._ref_adapter)
+            try:
+                yield self.policy
+            finally:
+                self.policy.set_adapter("default")
+                self._freeze_reference_adapter()
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
     def reference_logprobs(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs: the frozen model, or the policy with its adapters disabled."""
-        if self.reference is not None:
-            model, ctx = self.reference, contextlib.nullcontext()
-        else:
-            model, ctx = self.policy, self.policy.disable_adapter()
-        with torch.no_grad(), ctx:
+        """Reference log-probs of a collated batch (no gradient)."""
+        with torch.no_grad(), self.reference_model() as model:
             return concatenated_logprobs(model, batch, self.hparams.logprob_chunk_size)
 
-    def _logprobs(self, batch):
-        chunk = self.hparams.logprob_chunk_size
-        lp, counts = concatenated_logprobs(self.policy, batch, chunk)
-        ref, _ = self.reference_logprobs(batch)
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs of every row (chosen, rejected[, bonus])."""
+        lp, counts = concatenated_logprobs(self.policy, batch, self.hparams.logprob_chunk_size)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(lp)  # cached once per pool: no reference forward
+        else:
+            ref, _ = self.reference_logprobs(batch)
         if self.hparams.loss_type == "ipo":
             # IPO is defined on length-averaged log-probs.
             counts = counts.clamp(min=1).to(lp.dtype)
             lp, ref = lp / counts, ref / counts
+        return lp, ref
+
+    def _logprobs(self, batch):
+        lp, ref = self._forward(batch)
         b = batch["route"].shape[0]
-        return lp[:b], lp[b:], ref[:b], ref[b:]
+        return lp[:b], lp[b : 2 * b], ref[:b], ref[b : 2 * b]
+
+    # -- services for the online loop ------------------------------------------------------
+
+    @torch.no_grad()
+    def pair_logprobs(
+        self, pairs: list[TokenizedPair], *, policy: bool = True, batch_size: int = 32
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Policy (optional) and reference log-probs of pairs, in eval mode: ``(N, k)`` with
+        columns chosen, rejected (and bonus when the pairs carry one)."""
+        collate = PreferenceCollator(self._pad_token_id())
+        pol_out, ref_out = [], []
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                examples = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids,
+                                          bonus_ids=p.bonus_ids).example(0) for p in chunk]
+                batch = {k: v.to(self.device) for k, v in collate(examples).items()}
+                k = batch["input_ids"].shape[0] // len(chunk)
+                ref, _ = self.reference_logprobs(batch)
+                ref_out.append(ref.view(k, -1).T.float().cpu())
+                if policy:
+                    lp, _ = concatenated_logprobs(self.policy, batch,
+                                                  self.hparams.logprob_chunk_size)
+                    pol_out.append(lp.view(k, -1).T.float().cpu())
+        finally:
+            self.policy.train(was_training)
+        return (torch.cat(pol_out) if policy else None), torch.cat(ref_out)
+
+    def update_reference(self) -> None:
+        """pi_ref <- pi_theta (iterative DPO, SELM). Under LoRA the policy's adapter is
+        copied into a second, frozen adapter: nothing is merged into (quantized) weights."""
+        if self.hparams.lora is None:
+            target = self.reference
+            target.load_state_dict(self.policy.state_dict())
+            target.requires_grad_(False)
+            return
+        if self._ref_adapter is None:
+            import copy as _copy
+
+            self._ref_adapter = "reference"
+            self.policy.add_adapter(self._ref_adapter,
+                                    _copy.deepcopy(self.policy.peft_config["default"]))
+            self.policy.set_adapter("default")
+        params = dict(self.policy.named_parameters())
+        with torch.no_grad():
+            for name, p in params.items():
+                if ".default." in name:
+                    params[name.replace(".default.", f".{self._ref_adapter}.")].copy_(p)
+        self._freeze_reference_adapter()
+
+    def _freeze_reference_adapter(self) -> None:
+        for name, p in self.policy.named_parameters():
+            if f".{self._ref_adapter}." in name:
+                p.requires_grad_(False)
+
+    def _pad_token_id(self) -> int:
+        config = getattr(self.policy, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
 
     # -- steps -----------------------------------------------------------------------------
 
+    def _label_generator(self, batch_idx: int) -> torch.Generator:
+        # Stateless: nothing to checkpoint, and no rank inherits another's stream on resume.
+        key = (self.hparams.label_seed, self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
     def on_fit_start(self) -> None:
-        if self._dp_generator is None:
-            self._dp_generator = torch.Generator().manual_seed(
-                self.hparams.label_seed + self.global_rank)
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger is not None:
             # Counts of kept / skipped / dropped records, so a dashboard shows what was read.
@@ -150,14 +244,23 @@ class SAILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        loss, metrics = sail_loss(
-            *self._logprobs(batch), batch["route"], beta=hp.beta, coef_dp=hp.coef_dp,
-            coef_pp=hp.coef_pp, coef_pr=hp.coef_pr, response_term=hp.response_term,
-            baseline=hp.baseline, grad_accum=self.trainer.accumulate_grad_batches,
-            generator=self._dp_generator, loss_type=hp.loss_type,
-            label_smoothing=hp.label_smoothing)
+        lp, ref = self._forward(batch)
         n = batch["route"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        loss, metrics = sail_loss(
+            lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], beta=hp.beta,
+            coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
+            response_term=hp.response_term, baseline=hp.baseline,
+            grad_accum=self.trainer.accumulate_grad_batches,
+            generator=self._label_generator(batch_idx),
+            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+        if "bonus_mask" in batch and hp.bonus_alpha:
+            bonus = exploration_bonus(lp[2 * n :], ref[2 * n :], alpha=hp.bonus_alpha,
+                                      beta=hp.beta, form=hp.bonus_form)
+            bonus = (bonus * batch["bonus_mask"].to(bonus.dtype)).sum() / n
+            loss = loss + bonus
+            metrics["loss/bonus_term"] = bonus.detach()
+        # Synced: under DDP the logged loss is the global batch's, as with one process.
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True,
                  batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
@@ -195,18 +298,6 @@ class SAILModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # -- checkpoint state ------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._dp_generator is not None:
-            # The label draws continue where they stopped after a resume.
-            checkpoint["sail_dp_generator"] = self._dp_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "sail_dp_generator" in checkpoint:
-            self._dp_generator = torch.Generator()
-            self._dp_generator.set_state(checkpoint["sail_dp_generator"])
-
 
 def _validate(args: dict[str, Any]) -> None:
     """Option errors name the option, and come before any model is loaded."""
@@ -216,7 +307,7 @@ def _validate(args: dict[str, Any]) -> None:
     if args["model_name_or_path"] is None and args["tokenizer"] is None:
         raise ValueError("model.tokenizer is required with model.model_config")
     checks = [("loss_type", LOSS_TYPES), ("response_term", RESPONSE_TERMS),
-              ("baseline", BASELINES), ("scheduler", _SCHEDULERS)]
+              ("baseline", BASELINES), ("scheduler", _SCHEDULERS), ("bonus_form", BONUS_FORMS)]
     for name, allowed in checks:
         if args[name] not in allowed:
             raise ValueError(f"model.{name} must be one of {allowed}, got {args[name]!r}")

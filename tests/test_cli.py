@@ -64,6 +64,10 @@ def test_method_configs_run_stacked_on_the_quickstart(tmp_path, method):
     assert column(rows, "val/rewards/accuracies")
     dp = column(rows, "train/routes/dp_fraction")
     assert (len(dp) > 0) == (method == "sail_dp")
+    if method == "sail_dp":
+        # The module wires coef_dp and the routes into the loss: the label term is live.
+        assert all(v < 0 for v in column(rows, "train/loss/label_term"))
+        assert column(rows, "train/dp/flip_rate")
 
 
 ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))

@@ -117,22 +117,6 @@ def test_gradient_clipping_bounds_the_update():
     assert unclipped > 1e-2 and clipped == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_sail_dp_step_logs_route_metrics_and_differs_from_dpo(dm):
-    m = tiny_module(coef_dp=0.2)
-    m.configure_model()
-    m._dp_generator = torch.Generator().manual_seed(0)
-    batch = batch_of(dm, 8)
-    batch["route"][:] = 1
-    hp = m.hparams
-    from sail_lightning.objectives import sail_loss
-
-    lps = m._logprobs(batch)
-    sail, metrics = sail_loss(*lps, batch["route"], beta=hp.beta, coef_dp=0.2,
-                              generator=torch.Generator().manual_seed(0))
-    dpo, _ = sail_loss(*lps, torch.zeros_like(batch["route"]), beta=hp.beta, coef_dp=0.2)
-    assert "dp/flip_rate" in metrics and not torch.equal(sail, dpo)
-
-
 @pytest.mark.parametrize("kwargs,option", [
     ({"model_config": None}, "model_name_or_path"),
     ({"loss_type": "kto"}, "loss_type"),

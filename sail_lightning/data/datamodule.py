@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sail_lightning.data.pool import OnlinePair, read_round, round_path, write_round
 from sail_lightning.data.records import (
     PreferenceRecord,
     ReadStats,
@@ -36,18 +37,40 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
-        p = self.pairs[i]
-        return {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids,
-                "rejected_ids": p.rejected_ids, "route": int(self.routes[i])}
+        return self.pairs[i].example(int(self.routes[i]))
 
 
-def epoch_routes(n: int, mix_dp: float, seed: int, epoch: int) -> torch.Tensor:
-    """Routes of the offline pairs for one epoch: exactly ``round(mix_dp * n)`` go to DP.
+class EpochView(Dataset):
+    """One epoch's mixture of offline and online pairs, composed on first access.
+
+    Its length is known from the configuration alone, so the DataLoader that Lightning
+    builds early (for ``estimated_stepping_batches``, before round 0 exists) stays valid;
+    the contents come from the pool as it is when the epoch starts.
+    """
+
+    def __init__(self, datamodule: PreferenceDataModule, epoch: int) -> None:
+        self.datamodule = datamodule
+        self.epoch = epoch
+        self._items: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return self.datamodule.epoch_counts()["total"]
+
+    def __getitem__(self, i: int) -> dict:
+        if self._items is None:
+            self._items = self.datamodule.compose_epoch(self.epoch)
+        return self._items[i]
+
+
+def epoch_routes(
+    n: int, mix_dp: float, seed: int, epoch: int, k: int | None = None
+) -> torch.Tensor:
+    """Routes of the offline pairs for one epoch: ``k`` (default ``round(mix_dp * n)``) to DP.
 
     Drawn from ``(seed, epoch)`` alone, so every rank, and a resumed run, agree.
     """
     routes = torch.full((n,), int(Route.DPO), dtype=torch.long)
-    k = round(mix_dp * n)
+    k = round(mix_dp * n) if k is None else k
     if k:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         routes[torch.randperm(n, generator=g)[:k]] = int(Route.DP)
@@ -72,7 +95,19 @@ class PreferenceDataModule(L.LightningDataModule):
         max_response_length: responses keep their first this many tokens (eos included).
         batch_size: pairs per training batch (per device).
         eval_batch_size: pairs per validation batch (defaults to ``batch_size``).
-        mix_dp: fraction of offline pairs routed to SAIL-DP each epoch (the paper's r).
+        mix_dp: fraction of each epoch's examples that are offline pairs relabelled by the
+            policy (SAIL-DP, the paper's r).
+        mix_pp: fraction of each epoch's examples that are policy samples labelled by the
+            policy (SAIL-PP, p).
+        mix_pr: fraction of each epoch's examples that are policy samples labelled by the
+            labeller (SAIL-PR, online / iterative DPO, SELM, XPO: g). Each epoch passes every
+            offline pair once (as DPO or DP) and adds online pairs so that their share is
+            ``mix_pp + mix_pr``: an epoch holds ``n_offline / (1 - mix_pp - mix_pr)``
+            examples, the paper's epoch scaling. ``mix_pp + mix_pr = 1`` trains on
+            online pairs alone, ``online_pairs`` per epoch.
+        online_pairs: online pairs per epoch when ``mix_pp + mix_pr = 1``.
+        pool_dir: where each round's pairs are written (jsonl); default:
+            ``<trainer.log_dir>/rounds``.
         seed: seed of the split, the routes and the shuffling.
         on_bad_record: ``error`` (stop at the first bad record, naming file and line) or
             ``skip`` (skip, count and log bad records).
@@ -95,6 +130,10 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         mix_dp: float = 0.0,
+        mix_pp: float = 0.0,
+        mix_pr: float = 0.0,
+        online_pairs: int | None = None,
+        pool_dir: str | None = None,
         seed: int = 0,
         on_bad_record: str = "error",
         limit: int | None = None,
@@ -106,8 +145,15 @@ class PreferenceDataModule(L.LightningDataModule):
         if on_bad_record not in _BAD_RECORD_MODES:
             raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
                              f"got {on_bad_record!r}")
-        if not 0.0 <= mix_dp <= 1.0:
-            raise ValueError(f"data.mix_dp must be in [0, 1], got {mix_dp}")
+        for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+        if mix_dp + mix_pp + mix_pr > 1.0 + 1e-9:
+            raise ValueError("data.mix_dp + data.mix_pp + data.mix_pr must be <= 1, got "
+                             f"{mix_dp} + {mix_pp} + {mix_pr}")
+        if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
+            raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
+                             "(training on online pairs alone)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         for name, value in (("max_prompt_length", max_prompt_length),
@@ -124,6 +170,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_pairs: list[TokenizedPair] = []
         self.stats: dict[str, int] = {}
         self._restored: dict | None = None
+        self.train_records: list[PreferenceRecord] = []
+        self.offline_ref: torch.Tensor | None = None  # (n_offline, 2) reference log-probs
+        self.rounds: list[dict] = []  # {"round", "path", "pairs"} of every persisted round
+        self.round_pairs: list[OnlinePair] = []  # the latest round, trained on this epoch
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -172,6 +222,7 @@ class PreferenceDataModule(L.LightningDataModule):
             val = [records[i] for i in order[:n_val]]
             train = [records[i] for i in order[n_val:]]
         tok_args = (self.tokenizer, hp.max_prompt_length, hp.max_response_length)
+        self.train_records = train
         self.train_pairs = tokenize_records(tok_args[0], train, *tok_args[1:])
         self.val_pairs = tokenize_records(tok_args[0], val, *tok_args[1:])
         self.fingerprint = _fingerprint(train)
@@ -188,17 +239,103 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Cheap and idempotent: Lightning calls it once per epoch (and twice on resume).
+        # The view shuffles itself, so a DistributedSampler (shuffle off) gives rank r the
+        # rows r, r+W, ...: a global batch is the one-process batch of the same size.
         hp = self.hparams
-        epoch = self._epoch()
-        routes = epoch_routes(len(self.train_pairs), hp.mix_dp, hp.seed, epoch)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and hp.mix_dp > 0 and trainer.reload_dataloaders_every_n_epochs != 1:
+            log.warning("data.mix_dp > 0 without trainer.reload_dataloaders_every_n_epochs=1: "
+                        "the same pairs go to SAIL-DP every epoch")
         return DataLoader(
-            PairDataset(self.train_pairs, routes),
+            EpochView(self, self._epoch()),
             batch_size=hp.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(hp.seed + epoch),
+            shuffle=False,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )
+
+    # -- the epoch mixture -----------------------------------------------------------------
+
+    def epoch_counts(self) -> dict[str, int]:
+        """Examples per route in every epoch (constant, so schedules can be planned)."""
+        hp = self.hparams
+        n_off = len(self.train_pairs or [])
+        online = hp.mix_pp + hp.mix_pr
+        if online >= 1.0 - 1e-9:
+            total, n_off = int(hp.online_pairs), 0
+        else:
+            total = round(n_off / (1.0 - online))
+        n_pp, n_pr = round(hp.mix_pp * total), round(hp.mix_pr * total)
+        if n_off:
+            n_pp = min(n_pp, total - n_off)
+            n_pr = total - n_off - n_pp
+        n_dp = min(round(hp.mix_dp * total), n_off)
+        return {"total": n_off + n_pp + n_pr, "offline": n_off, "dp": n_dp,
+                "dpo": n_off - n_dp, "pp": n_pp, "pr": n_pr}
+
+    def online_needed(self) -> dict[str, int]:
+        """Online pairs one epoch trains on, per route: what a round should generate."""
+        counts = self.epoch_counts()
+        return {"pp": counts["pp"], "pr": counts["pr"]}
+
+    def compose_epoch(self, epoch: int) -> list[dict]:
+        """The examples of one epoch, shuffled by ``(seed, epoch)``."""
+        hp = self.hparams
+        counts = self.epoch_counts()
+        items: list[dict] = []
+        if counts["offline"]:
+            routes = epoch_routes(counts["offline"], hp.mix_dp, hp.seed, epoch, k=counts["dp"])
+            for i, pair in enumerate(self.train_pairs):
+                if self.offline_ref is not None:
+                    ref = self.offline_ref[i].tolist()
+                    pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                         ref[0], ref[1])
+                items.append(pair.example(int(routes[i])))
+        for route, key in ((Route.PP, "pp"), (Route.PR, "pr")):
+            if not counts[key]:
+                continue
+            pool = [p for p in self.round_pairs if p.route == route]
+            if not pool:
+                raise RuntimeError(
+                    f"data.mix_{key} > 0 but the pool has no {key.upper()} pairs: add "
+                    "PairGenerationCallback to trainer.callbacks (configs/method/*.yaml do)")
+            if len(pool) < counts[key]:
+                log.warning("round %d has %d %s pairs for %d slots: reusing pairs",
+                            self.rounds[-1]["round"], len(pool), key.upper(), counts[key])
+            items.extend(pool[i % len(pool)].pair.example(route) for i in range(counts[key]))
+        # A stream of its own: the route draw's permutation would put every DP row first.
+        g = torch.Generator().manual_seed(hp.seed * 1_000_003 + epoch + 500_009)
+        return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+
+    # -- the online pool -------------------------------------------------------------------
+
+    @property
+    def current_round(self) -> int:
+        return self.rounds[-1]["round"] if self.rounds else -1
+
+    def round_prompts(self, n: int, round_index: int) -> list[int]:
+        """Indices into ``train_records`` of the prompts of one round, distinct prompts first."""
+        hp = self.hparams
+        g = torch.Generator().manual_seed(hp.seed * 7_919 + round_index)
+        order = torch.randperm(len(self.train_records), generator=g).tolist()
+        seen, distinct = set(), []
+        for i in order:
+            if self.train_records[i].prompt not in seen:
+                seen.add(self.train_records[i].prompt)
+                distinct.append(i)
+        return [distinct[k % len(distinct)] for k in range(n)]
+
+    def add_round(self, round_index: int, pairs: list[OnlinePair], *, write: bool = True) -> str:
+        """Store a round's pairs (identical on every rank); ``write`` on one rank only."""
+        pool_dir = self.hparams.pool_dir or self.pool_dir_default
+        path = os.path.abspath(round_path(pool_dir, round_index))
+        if write:
+            write_round(path, pairs)
+        self.rounds.append({"round": round_index, "path": path, "pairs": len(pairs)})
+        self.round_pairs = pairs
+        return path
+
+    pool_dir_default = "rounds"  # the callback points it into the run's log dir
 
     def val_dataloader(self) -> DataLoader:
         routes = torch.full((len(self.val_pairs),), int(Route.DPO), dtype=torch.long)
@@ -219,10 +356,17 @@ class PreferenceDataModule(L.LightningDataModule):
             "train_pairs": len(self.train_pairs or []),
             "val_pairs": len(self.val_pairs),
             "fingerprint": getattr(self, "fingerprint", None),
+            # Paths, not pairs: the pairs are on disk, written before this state was saved.
+            "rounds": list(self.rounds),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
+        self.rounds = list(state_dict.get("rounds", []))
+        self.round_pairs = read_round(self.rounds[-1]["path"]) if self.rounds else []
+        if self.rounds and len(self.round_pairs) != self.rounds[-1]["pairs"]:
+            raise ValueError(f"{self.rounds[-1]['path']}: {len(self.round_pairs)} pairs, the "
+                             f"checkpoint recorded {self.rounds[-1]['pairs']}")
         if self.train_pairs is not None:
             self._check_restored()
 

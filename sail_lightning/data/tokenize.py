@@ -13,11 +13,27 @@ from sail_lightning.data.records import PreferenceRecord
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """A prompt and two responses as token ids (responses end with eos unless truncated)."""
+    """A prompt and two responses as token ids (responses end with eos unless truncated).
+
+    Optional: reference log-probs computed once per pool (then the training step skips the
+    reference forward), and a third response that carries an exploration bonus (SELM's
+    reference sample, XPO's reference sample) with its reference log-prob.
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+    bonus_ids: list[int] | None = None
+    ref_bonus: float | None = None
+
+    def example(self, route: int) -> dict:
+        """The dict a DataLoader yields for this pair with its route."""
+        return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids,
+                "rejected_ids": self.rejected_ids, "route": int(route),
+                "ref_chosen": self.ref_chosen, "ref_rejected": self.ref_rejected,
+                "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus}
 
 
 def encode_prompt(tokenizer, record: PreferenceRecord, max_length: int) -> list[int]:
@@ -62,8 +78,11 @@ class PreferenceCollator:
     """Pads a list of examples into one batch with chosen and rejected stacked.
 
     Rows ``[:B]`` of ``input_ids``, ``attention_mask`` and ``response_mask`` are
-    prompt+chosen, rows ``[B:]`` prompt+rejected, right-padded to one length so that each
-    model runs once per batch. ``route`` has shape ``(B,)``.
+    prompt+chosen, rows ``[B:2B]`` prompt+rejected, right-padded to one length so that each
+    model runs once per batch. ``route`` has shape ``(B,)``. When any example carries a
+    bonus response, rows ``[2B:3B]`` are prompt+bonus and ``bonus_mask`` (B,) marks the
+    examples that have one. When every example has cached reference log-probs, they come
+    as ``ref_logps`` of shape ``(2B,)`` (``(3B,)`` with bonus rows).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -71,10 +90,14 @@ class PreferenceCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
         rows, masks = [], []
-        for key in ("chosen_ids", "rejected_ids"):
+        has_bonus = any(ex.get("bonus_ids") for ex in examples)
+        keys = ("chosen_ids", "rejected_ids", "bonus_ids") if has_bonus else ("chosen_ids",
+                                                                               "rejected_ids")
+        for key in keys:
             for ex in examples:
-                rows.append(ex["prompt_ids"] + ex[key])
-                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[key]))
+                response = ex.get(key) or []
+                rows.append(ex["prompt_ids"] + response)
+                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(response))
         width = max(len(r) for r in rows)
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
@@ -84,9 +107,18 @@ class PreferenceCollator:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
             response_mask[i, : len(row)] = torch.tensor(mask)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "response_mask": response_mask,
             "route": torch.tensor([int(ex["route"]) for ex in examples], dtype=torch.long),
         }
+        ref_keys = ("ref_chosen", "ref_rejected") + (("ref_bonus",) if has_bonus else ())
+        if all(ex.get("ref_chosen") is not None for ex in examples) and (
+            not has_bonus or all(ex.get("ref_bonus") is not None or not ex.get("bonus_ids")
+                                 for ex in examples)):
+            batch["ref_logps"] = torch.tensor(
+                [float(ex.get(k) or 0.0) for k in ref_keys for ex in examples])
+        if has_bonus:
+            batch["bonus_mask"] = torch.tensor([bool(ex.get("bonus_ids")) for ex in examples])
+        return batch

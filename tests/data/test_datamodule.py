@@ -9,7 +9,7 @@ import torch
 
 from sail_lightning.data.datamodule import PreferenceDataModule, epoch_routes
 from sail_lightning.objectives import Route
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, needs_shared
 
 HH = SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 UF = SHARED_DATA / "ultrafeedback-binarized" / "train.jsonl.gz"
@@ -49,10 +49,13 @@ def test_train_dataloader_cheap_idempotent_and_routed():
     assert all(torch.equal(x, y) for x, y in zip(first, second, strict=False))
     routes = torch.cat(first)
     assert int((routes == Route.DP).sum()) == round(0.5 * len(dm.train_pairs))
+    # Shuffled independently of the route draw: DP rows are spread over the batches.
+    assert all(0 < int((r == Route.DP).sum()) < len(r) for r in first)
     val_routes = torch.cat([b["route"] for b in dm.val_dataloader()])
     assert (val_routes == Route.DPO).all()
 
 
+@needs_shared
 def test_hh_rlhf_real_file_with_a_gpt2_style_tokenizer(tmp_path):
     # The synthetic word-level tokenizer maps English to <unk>; the point here is the
     # reading, splitting and counting of real dialogues.
@@ -66,6 +69,7 @@ def test_hh_rlhf_real_file_with_a_gpt2_style_tokenizer(tmp_path):
     assert all(len(p.prompt_ids) <= 32 and len(p.chosen_ids) <= 8 for p in dm.train_pairs)
 
 
+@needs_shared
 def test_ultrafeedback_real_file_counts_identical_and_empty_pairs():
     with gzip.open(UF, "rt") as f:
         rows = [json.loads(line) for line in f]

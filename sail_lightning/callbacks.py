@@ -1,0 +1,189 @@
+"""PairGenerationCallback: when to build online rounds (``rounds.py`` does how)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from sail_lightning.generation import SamplingOptions
+from sail_lightning.labellers import Labeller, OracleLabeller
+from sail_lightning.objectives import Route
+from sail_lightning.rounds import PAIR_MODES, build_round
+
+log = logging.getLogger("sail_lightning.online")
+
+
+class PairGenerationCallback(L.Callback):
+    """Refreshes the DataModule's online pairs from the policy being trained.
+
+    Round 0 is built in ``on_fit_start`` (not when resuming: the checkpoint's round is
+    restored from disk), round k+1 in ``on_train_epoch_end`` of epoch k, every
+    ``every_n_epochs`` epochs. Lightning re-calls ``train_dataloader()`` before the next
+    epoch starts (``reload_dataloaders_every_n_epochs: 1``), which then holds the new round.
+
+    Args:
+        labeller: labels SAIL-PR / online pairs (and scores candidates for ``best_worst`` and
+            ``selm``). Default on the synthetic task: its Bradley-Terry oracle.
+        sampling: how responses are sampled from the policy.
+        pair_mode: ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO),
+            ``selm`` or ``xpo``.
+        prompts_per_round: prompts sampled per round; default: the online pairs one epoch
+            trains on (``data.mix_pp``, ``data.mix_pr``).
+        every_n_epochs: regenerate every this many epochs.
+        update_reference: pi_ref <- pi_theta before each new round (iterative DPO, SELM).
+        seed: seed of sampling and label draws (offset by round and rank).
+        cache_reference: compute reference log-probs of the offline pairs once per pool.
+        progress: progress bars for generation and labelling.
+        score_batch_size: sequences per forward when scoring pairs.
+    """
+
+    def __init__(
+        self,
+        labeller: Labeller | None = None,
+        sampling: SamplingOptions | None = None,
+        pair_mode: str = "two_samples",
+        prompts_per_round: int | None = None,
+        every_n_epochs: int = 1,
+        update_reference: bool = False,
+        seed: int = 0,
+        cache_reference: bool = True,
+        progress: bool = True,
+        score_batch_size: int = 32,
+    ) -> None:
+        if pair_mode not in PAIR_MODES:
+            raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.labeller = labeller
+        self.sampling = sampling or SamplingOptions()
+        self.sampling.validate()
+        self.pair_mode = pair_mode
+        self.prompts_per_round = prompts_per_round
+        self.every_n_epochs = every_n_epochs
+        self.update_reference = update_reference
+        self.seed = seed
+        self.cache_reference = cache_reference
+        self.progress = progress
+        self.score_batch_size = score_batch_size
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if not hasattr(dm, "add_round"):
+            raise TypeError("PairGenerationCallback needs a PreferenceDataModule")
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "PairGenerationCallback needs trainer.reload_dataloaders_every_n_epochs=1 (got "
+                f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
+        root = trainer.log_dir or trainer.default_root_dir
+        dm.pool_dir_default = os.path.join(root, "rounds")
+        if self.labeller is None and dm.hparams.source == "synthetic":
+            self.labeller = OracleLabeller(seed=self.seed)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path:
+            return  # the round is restored with the datamodule state, after this hook
+        self._cache_offline(trainer, pl_module)
+        self._round(trainer, pl_module, 0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if self.cache_reference and dm.offline_ref is None:
+            self._cache_offline(trainer, pl_module)  # after a resume
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        next_epoch = trainer.current_epoch + 1
+        if trainer.max_epochs not in (None, -1) and next_epoch >= trainer.max_epochs:
+            return  # no epoch left to train on a new round
+        if next_epoch % self.every_n_epochs:
+            return
+        if self.update_reference:
+            pl_module.update_reference()
+            trainer.datamodule.offline_ref = None
+            self._cache_offline(trainer, pl_module)
+        self._round(trainer, pl_module, trainer.datamodule.current_round + 1)
+
+    # -- work ------------------------------------------------------------------------------
+
+    def _cache_offline(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if not self.cache_reference or not dm.train_pairs or dm.epoch_counts()["offline"] == 0:
+            return
+        idx = list(range(len(dm.train_pairs)))[trainer.global_rank :: trainer.world_size]
+        _, ref = pl_module.pair_logprobs([dm.train_pairs[i] for i in idx], policy=False,
+                                         batch_size=self.score_batch_size)
+        parts = _all_gather([(idx, ref)], trainer.world_size)
+        out = torch.empty(len(dm.train_pairs), 2)
+        for ids, values in parts:
+            out[ids] = values
+        dm.offline_ref = out
+
+    def _round(self, trainer, pl_module, round_index: int) -> None:
+        dm = trainer.datamodule
+        need = dm.online_needed()
+        n = self.prompts_per_round or need["pp"] + need["pr"]
+        if n == 0:
+            return
+        prompt_indices = dm.round_prompts(n, round_index)
+        # Routes in the same proportion as the epoch needs them: PP first, then PR.
+        n_pp = round(n * need["pp"] / max(1, need["pp"] + need["pr"]))
+        routes = [int(Route.PP)] * n_pp + [int(Route.PR)] * (n - n_pp)
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = list(range(rank, n, world))
+        seed = self.seed + 100_003 * round_index + rank
+        pairs, stats = build_round(
+            pl_module, dm, self.labeller, self.sampling, pair_mode=self.pair_mode,
+            round_index=round_index, prompt_indices=[prompt_indices[k] for k in mine],
+            routes=[routes[k] for k in mine], prompt_positions=mine, seed=seed,
+            progress=self.progress and trainer.is_global_zero,
+            score_batch_size=self.score_batch_size)
+        gathered = _all_gather([(pairs, stats)], world)
+        pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p.prompt_index)
+        path = dm.add_round(round_index, pairs, write=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            metrics = self._metrics(dm, round_index, pairs, [s for _, s in gathered])
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
+                     path, metrics["gen/seconds"])
+
+    def _metrics(self, dm, round_index, pairs, stats) -> dict[str, float]:
+        total = {k: sum(s[k] for s in stats) for k in stats[0]}
+        gen_s = max(s["gen_seconds"] for s in stats)  # ranks run in parallel
+        metrics = {
+            "gen/round": float(round_index),
+            "gen/prompts": float(len(pairs)),
+            "gen/mean_length": total["tokens"] / max(1, total["generated"]),
+            "gen/eos_rate": total["eos"] / max(1, total["generated"]),
+            "gen/seconds": gen_s,
+            "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
+            "gen/label_seconds": max(s["label_seconds"] for s in stats),
+        }
+        scored = [p.scores for p in pairs if p.scores]
+        if scored:
+            metrics["gen/reward_mean"] = sum(s["chosen"] + s["rejected"] for s in scored) / (
+                2 * len(scored))
+        if dm.hparams.source == "synthetic":
+            # The task's true reward: how often the label agrees with r* (ties count half).
+            oracle = OracleLabeller(sample=False)
+            prompts = [p.prompt for p in pairs]
+            rc = oracle.score(prompts, [p.chosen for p in pairs])
+            rr = oracle.score(prompts, [p.rejected for p in pairs])
+            agree = (rc > rr).float() + 0.5 * (rc == rr).float()
+            metrics["gen/label_agreement"] = float(agree.mean())
+            metrics["gen/true_reward_mean"] = float(torch.cat([rc, rr]).mean())
+        return metrics
+
+
+def _all_gather(obj: list, world_size: int) -> list:
+    """Python objects from every rank, in rank order (each rank holds the same list)."""
+    if world_size == 1 or not dist.is_available() or not dist.is_initialized():
+        return obj
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj[0])
+    return out

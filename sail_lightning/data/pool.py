@@ -1,0 +1,89 @@
+"""Online rounds: generated, labelled pairs, persisted so that a resume loses none."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.objectives import Route
+
+
+@dataclass
+class OnlinePair:
+    """One generated pair with its provenance, as written to the round's jsonl file.
+
+    Attributes:
+        prompt: prompt text (as the labeller saw it).
+        chosen, rejected: response texts.
+        pair: the token ids (and cached reference log-probs) used for training.
+        route: ``Route.PP`` or ``Route.PR``.
+        round: generation round.
+        prompt_index: position of the prompt in the round (stable order across ranks).
+        seed: sampling seed of the shard that generated it.
+        label: ``"a"`` if the first sample was chosen, else ``"b"``; ``"best_worst"`` etc.
+            for pairs selected from several candidates.
+        scores: labeller scores of chosen and rejected, when it has scores.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    pair: TokenizedPair
+    route: int
+    round: int
+    prompt_index: int
+    seed: int
+    label: str
+    scores: dict[str, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        p = self.pair
+        return {
+            "round": self.round, "prompt_index": self.prompt_index,
+            "route": Route(self.route).name.lower(), "seed": self.seed, "label": self.label,
+            "prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected,
+            "scores": self.scores, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids,
+            "rejected_ids": p.rejected_ids, "ref_chosen": p.ref_chosen,
+            "ref_rejected": p.ref_rejected, "bonus_ids": p.bonus_ids, "ref_bonus": p.ref_bonus,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> OnlinePair:
+        pair = TokenizedPair(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"],
+                             d.get("ref_chosen"), d.get("ref_rejected"), d.get("bonus_ids"),
+                             d.get("ref_bonus"))
+        known = {"round", "prompt_index", "route", "seed", "label", "prompt", "chosen",
+                 "rejected", "scores", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen",
+                 "ref_rejected", "bonus_ids", "ref_bonus"}
+        return cls(prompt=d["prompt"], chosen=d["chosen"], rejected=d["rejected"], pair=pair,
+                   route=int(Route[d["route"].upper()]), round=d["round"],
+                   prompt_index=d["prompt_index"], seed=d["seed"], label=d["label"],
+                   scores=d.get("scores"), extra={k: v for k, v in d.items() if k not in known})
+
+
+def round_path(pool_dir: str, round_index: int) -> str:
+    return os.path.join(pool_dir, f"round_{round_index:04d}.jsonl")
+
+
+def write_round(path: str, pairs: list[OnlinePair]) -> None:
+    """Write atomically: a crash mid-write leaves the previous file, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(json.dumps(p.to_json()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_round(path: str) -> list[OnlinePair]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"online round file {path} (named in the checkpoint's data "
+                                "state) is missing: the generated pairs cannot be restored")
+    with open(path, encoding="utf-8") as f:
+        return [OnlinePair.from_json(json.loads(line)) for line in f if line.strip()]

@@ -1,0 +1,165 @@
+"""One online round: sample from the policy, label, select pairs, cache reference log-probs.
+
+Pair modes (the methods differ here, not in the training step):
+
+- ``two_samples``: two samples per prompt; SAIL-PP pairs are labelled by the policy's own
+  Bradley-Terry model (a seeded Bernoulli draw), SAIL-PR / online DPO pairs by the labeller.
+- ``best_worst``: ``num_samples`` samples per prompt, best and worst by labeller score
+  (iterative DPO, rejection-sampling style).
+- ``selm``: a greedy sample from the reference, ranked with the dataset's chosen and rejected
+  responses; best and worst form the pair; the reference sample carries SELM's bonus.
+- ``xpo``: a policy sample against a reference sample, labelled by the labeller; the
+  reference sample carries XPO's bonus.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from sail_lightning.data.pool import OnlinePair
+from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.generation import SamplingOptions, decode, generate_responses
+from sail_lightning.labellers import Labeller
+from sail_lightning.objectives import Route
+
+PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
+
+
+def build_round(module, datamodule, labeller: Labeller | None, sampling: SamplingOptions, *,
+                pair_mode: str, round_index: int, prompt_indices: list[int],
+                routes: list[int], prompt_positions: list[int], seed: int,
+                progress: bool = True, score_batch_size: int = 32) -> tuple[list[OnlinePair], dict]:
+    """Pairs for the given prompts (one shard of a round) and timing statistics.
+
+    Args:
+        prompt_indices: indices into ``datamodule.train_records`` / ``train_pairs``.
+        routes: ``Route.PP`` or ``Route.PR`` per prompt.
+        prompt_positions: each prompt's position in the whole round (the pool's order).
+        seed: seed of this shard's sampling and label draws.
+    """
+    tok = datamodule.tokenizer
+    records = [datamodule.train_records[i] for i in prompt_indices]
+    offline = [datamodule.train_pairs[i] for i in prompt_indices]
+    prompt_ids = [p.prompt_ids for p in offline]
+    prompts = [r.prompt for r in records]
+    messages = [r.messages for r in records]
+    gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+           "progress": progress}
+    t0 = time.perf_counter()
+    if pair_mode in ("two_samples", "best_worst"):
+        samples = generate_responses(module.policy, prompt_ids, sampling, seed=seed, **gen)
+    elif pair_mode == "selm":
+        greedy = replace(sampling, num_samples=1, greedy=True)
+        with module.reference_model() as ref:
+            samples = generate_responses(ref, prompt_ids, greedy, seed=seed, desc="reference",
+                                         **gen)
+    else:  # xpo
+        one = replace(sampling, num_samples=1)
+        policy = generate_responses(module.policy, prompt_ids, one, seed=seed, **gen)
+        with module.reference_model() as ref:
+            reference = generate_responses(ref, prompt_ids, one, seed=seed + 1,
+                                           desc="reference", **gen)
+        samples = [p + r for p, r in zip(policy, reference, strict=True)]
+    gen_seconds = time.perf_counter() - t0
+    generated = [s for group in samples for s in group]
+    texts = [[decode(tok, s) for s in group] for group in samples]
+
+    t1 = time.perf_counter()
+    pairs: list[OnlinePair] = []
+    label_names: list[str] = []
+    scores: list[dict | None] = []
+    if pair_mode in ("two_samples", "xpo"):
+        a_pref = torch.zeros(len(samples), dtype=torch.bool)
+        score_a = score_b = None
+        pr = [k for k, r in enumerate(routes) if r == Route.PR]
+        pp = [k for k, r in enumerate(routes) if r == Route.PP]
+        if pr:
+            if labeller is None:
+                raise ValueError("SAIL-PR / online pairs need a labeller: set the callback's "
+                                 "labeller (a reward model, ranker, callable or the oracle)")
+            labels = labeller.label([prompts[k] for k in pr], [texts[k][0] for k in pr],
+                                    [texts[k][1] for k in pr],
+                                    messages=[messages[k] for k in pr])
+            a_pref[pr] = labels.a_preferred
+            if labels.scores_a is not None:
+                score_a, score_b = torch.zeros(len(samples)), torch.zeros(len(samples))
+                score_a[pr], score_b[pr] = labels.scores_a, labels.scores_b
+        if pp:
+            a_pref[pp] = _policy_labels(module, [offline[k].prompt_ids for k in pp],
+                                        [samples[k] for k in pp], seed=seed,
+                                        batch_size=score_batch_size)
+        for k in range(len(samples)):
+            c, r = (0, 1) if a_pref[k] else (1, 0)
+            bonus = samples[k][1] if pair_mode == "xpo" else None
+            pairs.append(_pair(prompt_ids[k], samples[k][c], samples[k][r], bonus))
+            label_names.append("a" if a_pref[k] else "b")
+            scores.append(None if score_a is None or routes[k] != Route.PR else
+                          _ordered(float(score_a[k]), float(score_b[k]), bool(a_pref[k])))
+    else:
+        if labeller is None:
+            raise ValueError(f"pair_mode={pair_mode!r} ranks candidates: set a scoring labeller")
+        cands_ids, cands_txt = samples, texts
+        if pair_mode == "selm":
+            cands_ids = [s + [o.chosen_ids, o.rejected_ids] for s, o in zip(samples, offline,
+                                                                              strict=True)]
+            cands_txt = [t + [r.chosen, r.rejected] for t, r in zip(texts, records, strict=True)]
+        flat_p = [prompts[k] for k, c in enumerate(cands_txt) for _ in c]
+        flat_m = [messages[k] for k, c in enumerate(cands_txt) for _ in c]
+        flat = labeller.score(flat_p, [t for c in cands_txt for t in c], messages=flat_m)
+        if flat is None:
+            raise ValueError(f"pair_mode={pair_mode!r} needs a labeller with scores "
+                             f"(got {type(labeller).__name__})")
+        start = 0
+        for k, cands in enumerate(cands_ids):
+            s = flat[start : start + len(cands)]
+            start += len(cands)
+            best, worst = int(torch.argmax(s)), int(torch.argmin(s))
+            bonus = samples[k][0] if pair_mode == "selm" else None
+            pairs.append(_pair(prompt_ids[k], cands[best], cands[worst], bonus))
+            label_names.append(f"best={best},worst={worst}")
+            scores.append({"chosen": float(s[best]), "rejected": float(s[worst])})
+    label_seconds = time.perf_counter() - t1
+
+    # Reference log-probs once, now: the training step then skips the reference forward.
+    _, ref = module.pair_logprobs([p for p in pairs], policy=False, batch_size=score_batch_size)
+    out = []
+    for k, p in enumerate(pairs):
+        p = replace(p, ref_chosen=float(ref[k, 0]), ref_rejected=float(ref[k, 1]),
+                    ref_bonus=float(ref[k, 2]) if p.bonus_ids else None)
+        out.append(OnlinePair(
+            prompt=prompts[k], chosen=decode(tok, p.chosen_ids),
+            rejected=decode(tok, p.rejected_ids),
+            pair=p, route=int(routes[k]), round=round_index, prompt_index=prompt_positions[k],
+            seed=seed, label=label_names[k], scores=scores[k]))
+    eos = tok.eos_token_id
+    stats = {
+        "generated": len(generated),
+        "tokens": sum(len(s) for s in generated),
+        "eos": sum(bool(s) and s[-1] == eos for s in generated),
+        "gen_seconds": gen_seconds,
+        "label_seconds": label_seconds,
+    }
+    return out, stats
+
+
+def _pair(prompt_ids, chosen, rejected, bonus) -> TokenizedPair:
+    return TokenizedPair(list(prompt_ids), list(chosen), list(rejected),
+                         bonus_ids=list(bonus) if bonus is not None else None)
+
+
+def _ordered(a: float, b: float, a_chosen: bool) -> dict[str, float]:
+    return {"chosen": a, "rejected": b} if a_chosen else {"chosen": b, "rejected": a}
+
+
+def _policy_labels(module, prompt_ids, samples, *, seed: int, batch_size: int) -> torch.Tensor:
+    """SAIL-PP labels: y_a preferred with probability sigmoid(beta * h) under the policy and
+    reference of this moment (no gradient), drawn from a seeded generator."""
+    pairs = [TokenizedPair(list(p), list(s[0]), list(s[1])) for p, s in zip(prompt_ids, samples,
+                                                                              strict=True)]
+    pol, ref = module.pair_logprobs(pairs, policy=True, batch_size=batch_size)
+    h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    p = torch.sigmoid(module.hparams.beta * h.double())
+    return torch.bernoulli(p, generator=torch.Generator().manual_seed(seed)).bool()

@@ -259,6 +259,11 @@ class SAILModule(L.LightningModule):
             bonus = (bonus * batch["bonus_mask"].to(bonus.dtype)).sum() / n
             loss = loss + bonus
             metrics["loss/bonus_term"] = bonus.detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}. "
+                "model.response_term=released_code divides by log pi(y), which nears 0 as "
+                "responses shrink; lower model.lr or model.coef_*, or use score_function")
         # Synced: under DDP the logged loss is the global batch's, as with one process.
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True,

@@ -53,15 +53,33 @@ def print_config(capsys, args):
 
 def test_stacked_pieces_equal_the_quickstart(capsys):
     pieces = [f"-c={CONFIGS / p}" for p in ("trainer/cpu.yaml", "model/tiny.yaml",
-                                            "data/synthetic.yaml", "method/sail_dp.yaml")]
+                                            "data/synthetic.yaml", "method/sail_pr.yaml")]
     assert print_config(capsys, pieces) == print_config(capsys, ["-c", QUICK])
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "sail_dp"])
+METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
+OFFLINE = {"dpo", "ipo", "sail_dp"}
+
+
+def test_every_method_of_the_issue_has_a_config():
+    assert set(METHODS) >= OFFLINE | {"online_dpo", "iterative_dpo", "sail_pp", "sail_pr",
+                                      "selm", "xpo"}
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_method_configs_run_stacked_on_the_quickstart(tmp_path, method):
-    main(["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / f"{method}.yaml"), *small(tmp_path)])
+    args = ["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / f"{method}.yaml"),
+            *small(tmp_path)]
+    only_online = yaml.safe_load((CONFIGS / "method" / f"{method}.yaml").read_text())["data"]
+    if only_online.get("online_pairs"):
+        args.append("--data.online_pairs=64")  # keep the test small
+    main(args)
     rows = metrics(tmp_path)
     assert column(rows, "val/rewards/accuracies")
+    rounds = column(rows, "gen/round")
+    assert rounds == ([] if method in OFFLINE else [0.0, 1.0])
+    if method not in OFFLINE:
+        assert len(list(tmp_path.rglob("rounds/round_*.jsonl"))) == 2
     dp = column(rows, "train/routes/dp_fraction")
     assert (len(dp) > 0) == (method == "sail_dp")
     if method == "sail_dp":

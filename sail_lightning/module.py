@@ -266,10 +266,18 @@ class SAILModule(L.LightningModule):
                 "responses shrink; lower model.lr or model.coef_*, or use score_function")
         # Synced: under DDP the logged loss is the global batch's, as with one process.
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True,
-                 batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        if self._logging_step():
+            self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"),
+                     prog_bar=True, batch_size=n)
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the logger writes this step: the other steps' detailed metrics would be
+        computed, reduced and dropped (Lightning's per-metric bookkeeping is most of a tiny
+        model's step time)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         hp = self.hparams
@@ -284,6 +292,8 @@ class SAILModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Norm before clipping: what a dashboard needs to see a spike.
+        if not self._logging_step():
+            return
         norms = grad_norm(self.policy, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])

@@ -63,15 +63,32 @@ def encode_response(tokenizer, text: str, max_length: int) -> list[int]:
 def tokenize_records(
     tokenizer, records: Sequence[PreferenceRecord], max_prompt_length: int, max_response_length: int
 ) -> list[TokenizedPair]:
-    """Tokenize every record; lengths are limits, so nothing is dropped here."""
-    return [
-        TokenizedPair(
-            prompt_ids=encode_prompt(tokenizer, r, max_prompt_length),
-            chosen_ids=encode_response(tokenizer, r.chosen, max_response_length),
-            rejected_ids=encode_response(tokenizer, r.rejected, max_response_length),
-        )
-        for r in records
-    ]
+    """Tokenize every record; lengths are limits, so nothing is dropped here.
+
+    Same ids as :func:`encode_prompt` / :func:`encode_response`, in three batched tokenizer
+    calls: one call per text costs seconds on thousands of pairs.
+    """
+    if not records:
+        return []
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if templated:
+        texts = [tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in r.messages],
+            add_generation_prompt=True, tokenize=False) for r in records]
+        prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        prompts = tokenizer([r.prompt for r in records])["input_ids"]
+    eos = [tokenizer.eos_token_id]
+
+    def responses(texts: list[str]) -> list[list[int]]:
+        texts = [t.lstrip() for t in texts] if templated else texts
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [(x + eos)[:max_response_length] for x in ids]
+
+    chosen = responses([r.chosen for r in records])
+    rejected = responses([r.rejected for r in records])
+    return [TokenizedPair(p[-max_prompt_length:], c, r)
+            for p, c, r in zip(prompts, chosen, rejected, strict=True)]
 
 
 class PreferenceCollator:

@@ -50,3 +50,19 @@ def test_collator_layout(synthetic_tokenizer):
         assert att[row].sum() == n_p + n_r
         assert resp[row].tolist() == [0] * n_p + [1] * n_r + [0] * (ids.shape[1] - n_p - n_r)
         assert (ids[row, n_p + n_r:] == synthetic_tokenizer.pad_token_id).all()
+
+
+def test_batched_tokenization_equals_one_call_per_text(synthetic_tokenizer):
+    import copy
+
+    from sail_lightning.synthetic import SyntheticTask
+
+    rows = SyntheticTask().make_pairs(30, seed=1)
+    records = [record(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    templated = copy.deepcopy(synthetic_tokenizer)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    for tok in (synthetic_tokenizer, templated):
+        batched = tokenize_records(tok, records, 6, 5)
+        single = [(encode_prompt(tok, r, 6), encode_response(tok, r.chosen, 5),
+                   encode_response(tok, r.rejected, 5)) for r in records]
+        assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in batched] == single

@@ -136,6 +136,8 @@ class PairGenerationCallback(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, n, world))
         seed = self.seed + 100_003 * round_index + rank
+        if self.labeller is not None:
+            self.labeller.reseed(seed)
         pairs, stats = build_round(
             pl_module, dm, self.labeller, self.sampling, pair_mode=self.pair_mode,
             round_index=round_index, prompt_indices=[prompt_indices[k] for k in mine],

@@ -68,6 +68,14 @@ class Labeller(abc.ABC):
         """Float32 CPU scores ``(n,)`` (best-of-n, eval reward), or None without scores."""
         return None
 
+    def reseed(self, seed: int) -> None:
+        """Restart the labeller's random draws (if any) from ``seed``. The online loop calls
+        it before each round with a seed of (round, rank), so labels do not depend on how
+        many rounds ran before in this process: a resumed run labels as an uninterrupted one.
+        """
+        if getattr(self, "generator", None) is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
     def to(self, device: str | torch.device) -> Labeller:
         """Moves whatever the labeller runs on to ``device``; a no-op by default."""
         return self

@@ -62,6 +62,34 @@ class EpochView(Dataset):
         return self._items[i]
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch exactly: it skips the batches already
+    trained on (Lightning saves and restores ``state_dict()`` of stateful loaders).
+
+    Lightning does not prefetch from a loader with a length (this one has one), so at a
+    checkpoint the batches yielded are the batches trained on (tests/test_resume.py checks
+    that the resumed losses equal the uninterrupted run's). Same ``__init__`` as DataLoader,
+    so Lightning can rebuild it with a DistributedSampler.
+    """
+
+    _skip = 0
+    _yielded = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            if self._yielded > skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_trained": self._yielded}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._skip = int(state_dict.get("batches_trained", 0))
+
+
 def epoch_routes(
     n: int, mix_dp: float, seed: int, epoch: int, k: int | None = None
 ) -> torch.Tensor:
@@ -246,7 +274,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if trainer is not None and hp.mix_dp > 0 and trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning("data.mix_dp > 0 without trainer.reload_dataloaders_every_n_epochs=1: "
                         "the same pairs go to SAIL-DP every epoch")
-        return DataLoader(
+        return ResumableDataLoader(
             EpochView(self, self._epoch()),
             batch_size=hp.batch_size,
             shuffle=False,

@@ -1,0 +1,39 @@
+"""Callbacks that tests put into CLI runs (importable as tests.helpers from the repo root)."""
+
+import hashlib
+import json
+import os
+import signal
+
+import lightning as L
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process after a given optimizer step: a crash, no clean-up."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DumpPool(L.Callback):
+    """Write each rank's view of the online pool and its per-step losses to `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, *args) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        pool = [p.to_json() for p in dm.round_pairs]
+        digest = hashlib.sha1(json.dumps(pool, sort_keys=True).encode()).hexdigest()
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"rounds": dm.rounds, "pool_sha1": digest, "pairs": len(pool),
+                       "world_size": trainer.world_size, "losses": self.losses}, f)

@@ -42,6 +42,7 @@ def build_causal_lm(
     config: dict[str, Any] | None,
     tokenizer,
     dtype: torch.dtype | None = None,
+    init_seed: int = 0,
 ) -> nn.Module:
     """A causal LM from a hub name or local folder (one code path), or a fresh one from a config.
 
@@ -55,7 +56,11 @@ def build_causal_lm(
         cfg.setdefault("vocab_size", len(tokenizer))
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             cfg.setdefault(key, getattr(tokenizer, key))
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        # Its own seed: the same weights on every rank and world size, whatever else drew
+        # from the global generator before (Lightning reseeds DDP workers, not one process).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         return model.to(dtype) if dtype is not None else model
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 

@@ -36,6 +36,7 @@ class SAILModule(L.LightningModule):
         model_name_or_path: hub name or local folder of the policy (``from_pretrained``).
         model_config: a transformers config dict for a freshly initialised model (tiny
             models for tests and the quickstart); exclusive with ``model_name_or_path``.
+        init_seed: seed of a fresh model's initial weights (with ``model_config``).
         tokenizer: tokenizer name or path; defaults to ``model_name_or_path``.
             ``"synthetic"`` is the embedded task's tokenizer.
         ref_model_name_or_path: a separate reference model; default: a frozen copy of the
@@ -70,6 +71,7 @@ class SAILModule(L.LightningModule):
         self,
         model_name_or_path: str | None = None,
         model_config: dict[str, Any] | None = None,
+        init_seed: int = 0,
         tokenizer: str | None = None,
         ref_model_name_or_path: str | None = None,
         lora: LoraOptions | None = None,
@@ -113,7 +115,8 @@ class SAILModule(L.LightningModule):
         hp = self.hparams
         tokenizer = build_tokenizer(self.tokenizer_name)
         dtype = resolve_dtype(hp.torch_dtype)
-        policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype)
+        policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype,
+                                 hp.init_seed)
         if hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if hp.ref_model_name_or_path:

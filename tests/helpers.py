@@ -25,9 +25,11 @@ class DumpPool(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
         self.losses: list[float] = []
+        self.lrs: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, *args) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_end(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
@@ -36,4 +38,5 @@ class DumpPool(L.Callback):
         os.makedirs(self.path, exist_ok=True)
         with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"rounds": dm.rounds, "pool_sha1": digest, "pairs": len(pool),
-                       "world_size": trainer.world_size, "losses": self.losses}, f)
+                       "world_size": trainer.world_size, "losses": self.losses,
+                       "lrs": self.lrs}, f)

@@ -8,7 +8,7 @@ import os
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sail_lightning.data.pool import OnlinePair, read_round, round_path, write_round
 from sail_lightning.data.records import (
@@ -267,17 +267,24 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Cheap and idempotent: Lightning calls it once per epoch (and twice on resume).
-        # The view shuffles itself, so a DistributedSampler (shuffle off) gives rank r the
-        # rows r, r+W, ...: a global batch is the one-process batch of the same size.
+        # The view shuffles itself; under DDP our own sampler (no second shuffle: Lightning's
+        # would reshuffle) gives rank r the rows r, r+W, ...: a global batch is the
+        # one-process batch of the same size.
         hp = self.hparams
         trainer = getattr(self, "trainer", None)
+        view = EpochView(self, self._epoch())
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(view, num_replicas=trainer.world_size,
+                                         rank=trainer.global_rank, shuffle=False)
         if trainer is not None and hp.mix_dp > 0 and trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning("data.mix_dp > 0 without trainer.reload_dataloaders_every_n_epochs=1: "
                         "the same pairs go to SAIL-DP every epoch")
         return ResumableDataLoader(
-            EpochView(self, self._epoch()),
+            view,
             batch_size=hp.batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )

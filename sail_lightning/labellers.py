@@ -356,3 +356,53 @@ class OracleLabeller(_ScoringLabeller):
             g = self.generator
             labels.a_preferred = self.task.prefer(prompts, responses_a, responses_b, g)
         return labels
+
+
+class PolicyLabeller(Labeller):
+    """The policy's own implicit Bradley-Terry model (SAIL-PP): ``a`` is chosen with
+    probability ``sigmoid(beta * h)``, ``h`` the log-ratio margin under the policy and
+    reference of this moment, drawn from a seeded generator.
+
+    Args:
+        module: the ``SAILModule`` (its ``pair_logprobs`` and ``hparams.beta``).
+        tokenizer: the policy's tokenizer, to label text; the online loop passes token ids
+            to :meth:`label_ids` instead (exact, no re-tokenization).
+        seed: seed of the draws (the online loop reseeds it per round and rank).
+        batch_size: pairs per scoring forward.
+    """
+
+    def __init__(self, module: Any, tokenizer: Any = None, *, seed: int = 0,
+                 batch_size: int = 32) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def probabilities(self, prompt_ids: Sequence[list[int]], ids_a: Sequence[list[int]],
+                      ids_b: Sequence[list[int]]) -> torch.Tensor:
+        """``sigmoid(beta * h)`` per pair, in float64 on the CPU."""
+        from sail_lightning.data.tokenize import TokenizedPair
+
+        n = _check_lengths(prompts=prompt_ids, responses_a=ids_a, responses_b=ids_b)
+        pairs = [TokenizedPair(list(prompt_ids[k]), list(ids_a[k]), list(ids_b[k]))
+                 for k in range(n)]
+        pol, ref = self.module.pair_logprobs(pairs, policy=True, batch_size=self.batch_size)
+        h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+        return torch.sigmoid(self.module.hparams.beta * h.double())
+
+    def label_ids(self, prompt_ids: Sequence[list[int]], ids_a: Sequence[list[int]],
+                  ids_b: Sequence[list[int]]) -> Labels:
+        p = self.probabilities(prompt_ids, ids_a, ids_b)
+        return Labels(a_preferred=torch.bernoulli(p, generator=self.generator).bool())
+
+    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
+        _check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b)
+        if self.tokenizer is None:
+            raise ValueError("PolicyLabeller.label needs the policy's tokenizer to label text")
+        tok = self.tokenizer
+        eos = [tok.eos_token_id]
+        prompt_ids = tok(list(prompts))["input_ids"]
+        a = [x + eos for x in tok(list(responses_a), add_special_tokens=False)["input_ids"]]
+        b = [x + eos for x in tok(list(responses_b), add_special_tokens=False)["input_ids"]]
+        return self.label_ids(prompt_ids, a, b)

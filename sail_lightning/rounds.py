@@ -22,7 +22,7 @@ import torch
 from sail_lightning.data.pool import OnlinePair
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import Labeller
+from sail_lightning.labellers import Labeller, PolicyLabeller
 from sail_lightning.objectives import Route
 
 PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
@@ -88,9 +88,10 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
                 score_a, score_b = torch.zeros(len(samples)), torch.zeros(len(samples))
                 score_a[pr], score_b[pr] = labels.scores_a, labels.scores_b
         if pp:
-            a_pref[pp] = _policy_labels(module, [offline[k].prompt_ids for k in pp],
-                                        [samples[k] for k in pp], seed=seed,
-                                        batch_size=score_batch_size)
+            policy = PolicyLabeller(module, seed=seed, batch_size=score_batch_size)
+            a_pref[pp] = policy.label_ids([prompt_ids[k] for k in pp],
+                                          [samples[k][0] for k in pp],
+                                          [samples[k][1] for k in pp]).a_preferred
         for k in range(len(samples)):
             c, r = (0, 1) if a_pref[k] else (1, 0)
             bonus = samples[k][1] if pair_mode == "xpo" else None
@@ -152,14 +153,3 @@ def _pair(prompt_ids, chosen, rejected, bonus) -> TokenizedPair:
 
 def _ordered(a: float, b: float, a_chosen: bool) -> dict[str, float]:
     return {"chosen": a, "rejected": b} if a_chosen else {"chosen": b, "rejected": a}
-
-
-def _policy_labels(module, prompt_ids, samples, *, seed: int, batch_size: int) -> torch.Tensor:
-    """SAIL-PP labels: y_a preferred with probability sigmoid(beta * h) under the policy and
-    reference of this moment (no gradient), drawn from a seeded generator."""
-    pairs = [TokenizedPair(list(p), list(s[0]), list(s[1])) for p, s in zip(prompt_ids, samples,
-                                                                              strict=True)]
-    pol, ref = module.pair_logprobs(pairs, policy=True, batch_size=batch_size)
-    h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
-    p = torch.sigmoid(module.hparams.beta * h.double())
-    return torch.bernoulli(p, generator=torch.Generator().manual_seed(seed)).bool()

@@ -10,10 +10,10 @@ from sail_lightning.callbacks import PairGenerationCallback
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
 from sail_lightning.generation import SamplingOptions
+from sail_lightning.labellers import PolicyLabeller
 from sail_lightning.models import LoraOptions
 from sail_lightning.module import SAILModule
 from sail_lightning.objectives import Route
-from sail_lightning.rounds import _policy_labels
 from tests.conftest import TINY_CONFIG
 
 SAMPLING = SamplingOptions(num_samples=2, max_new_tokens=6, batch_size=32)
@@ -119,14 +119,21 @@ def test_pp_labels_are_the_policys_own_bradley_terry_draws():
     dm = datamodule()
     prompts = [p.prompt_ids for p in dm.train_pairs[:40]]
     samples = [[p.chosen_ids, p.rejected_ids] for p in dm.train_pairs[:40]]
-    labels = _policy_labels(m, prompts, samples, seed=5, batch_size=16)
+    label = lambda seed, bs: PolicyLabeller(m, seed=seed, batch_size=bs).label_ids(  # noqa: E731
+        prompts, [s[0] for s in samples], [s[1] for s in samples]).a_preferred
+    labels = label(5, 16)
     pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in dm.train_pairs[:40]]
     pol, ref = m.pair_logprobs(pairs)
     h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
     expected = torch.bernoulli(torch.sigmoid(1.0 * h.double()),
                                generator=torch.Generator().manual_seed(5)).bool()
     assert torch.equal(labels, expected)
-    assert torch.equal(labels, _policy_labels(m, prompts, samples, seed=5, batch_size=7))
+    assert torch.equal(labels, label(5, 7))
+    # The same labeller on text: tokenized like the DataModule, same draws.
+    records = [dm.train_records[i] for i in range(40)]
+    text = PolicyLabeller(m, dm.tokenizer, seed=5).label(
+        [r.prompt for r in records], [r.chosen for r in records], [r.rejected for r in records])
+    assert torch.equal(text.a_preferred, labels)
 
 
 def test_cached_reference_logps_equal_the_reference_forward():

@@ -199,6 +199,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}
         self._restored: dict | None = None
         self.train_records: list[PreferenceRecord] = []
+        self.val_records: list[PreferenceRecord] = []
         self.offline_ref: torch.Tensor | None = None  # (n_offline, 2) reference log-probs
         self.rounds: list[dict] = []  # {"round", "path", "pairs"} of every persisted round
         self.round_pairs: list[OnlinePair] = []  # the latest round, trained on this epoch
@@ -251,6 +252,7 @@ class PreferenceDataModule(L.LightningDataModule):
             train = [records[i] for i in order[n_val:]]
         tok_args = (self.tokenizer, hp.max_prompt_length, hp.max_response_length)
         self.train_records = train
+        self.val_records = val  # text of the held-out pairs, for judges (evaluation.py)
         self.train_pairs = tokenize_records(tok_args[0], train, *tok_args[1:])
         self.val_pairs = tokenize_records(tok_args[0], val, *tok_args[1:])
         self.fingerprint = _fingerprint(train)

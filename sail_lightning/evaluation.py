@@ -1,0 +1,107 @@
+"""Evaluation on held-out prompts: eval reward, win rates, KL to the reference, length.
+
+What the SAIL paper reports, computed during ``fit`` (every ``every_n_epochs``) and by
+``sail-lightning validate``; the reward margin and accuracy on held-out pairs come from
+``SAILModule.validation_step``. On the synthetic task the default judge is its ground
+truth, so win rates are exact rather than a judge's opinion.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.generation import SamplingOptions, decode, generate_responses
+from sail_lightning.labellers import Labeller, OracleLabeller
+
+log = logging.getLogger("sail_lightning.eval")
+
+
+def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
+    """Fraction of prompts where ``a`` scores higher than ``b``; a tie counts half."""
+    wins = (scores_a > scores_b).double() + 0.5 * (scores_a == scores_b).double()
+    return float(wins.mean())
+
+
+class EvaluationCallback(L.Callback):
+    """Greedy responses of the policy (and of the reference) on held-out prompts, judged.
+
+    Logs ``val/eval_reward`` (mean judge score of the policy's greedy responses),
+    ``val/win_rate_vs_ref`` (against the reference policy's greedy responses),
+    ``val/win_rate_vs_chosen`` (against the dataset's chosen responses), ``val/kl``
+    (mean ``log pi(y) - log pi_ref(y)`` over responses sampled from the policy: an unbiased
+    estimate of KL(pi || pi_ref)) and ``val/mean_length`` (tokens of the greedy responses).
+
+    Args:
+        judge: a scoring labeller (reward model, callable, oracle). Default on the synthetic
+            task: its ground truth; elsewhere win rates are skipped without one.
+        num_prompts: held-out prompts evaluated (the first ones of the validation split).
+        max_new_tokens: response length limit.
+        every_n_epochs: during fit, evaluate after every this many epochs.
+        seed: seed of the sampled responses behind the KL estimate.
+    """
+
+    def __init__(self, judge: Labeller | None = None, num_prompts: int = 128,
+                 max_new_tokens: int = 64, every_n_epochs: int = 1, seed: int = 0) -> None:
+        self.judge = judge
+        self.num_prompts = num_prompts
+        self.max_new_tokens = max_new_tokens
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        for name, value in self.evaluate(trainer.datamodule, pl_module).items():
+            pl_module.log(name, value)
+
+    @torch.no_grad()
+    def evaluate(self, datamodule, module) -> dict[str, float]:
+        """The metrics above, as a dict (notebooks call it directly)."""
+        records = datamodule.val_records[: self.num_prompts]
+        pairs = datamodule.val_pairs[: self.num_prompts]
+        if not records:
+            return {}
+        tok = datamodule.tokenizer
+        judge = self.judge
+        if judge is None and datamodule.hparams.source == "synthetic":
+            judge = OracleLabeller(sample=False)
+        prompt_ids = [p.prompt_ids for p in pairs]
+        gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+               "progress": False}
+        greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens)
+        policy = [s[0] for s in generate_responses(module.policy, prompt_ids, greedy,
+                                                   seed=self.seed, desc="eval", **gen)]
+        with module.reference_model() as ref:
+            reference = [s[0] for s in generate_responses(ref, prompt_ids, greedy,
+                                                          seed=self.seed, **gen)]
+        sampled = SamplingOptions(num_samples=1, temperature=1.0,
+                                  max_new_tokens=self.max_new_tokens)
+        samples = [s[0] for s in generate_responses(module.policy, prompt_ids, sampled,
+                                                    seed=self.seed, **gen)]
+        # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the sampled responses.
+        kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
+        pol, ref_lp = module.pair_logprobs(kl_pairs)
+        metrics = {
+            "val/kl": float((pol[:, 0] - ref_lp[:, 0]).mean()),
+            "val/mean_length": sum(len(r) for r in policy) / len(policy),
+        }
+        if judge is not None:
+            prompts = [r.prompt for r in records]
+            messages = [r.messages for r in records]
+            texts = [decode(tok, r) for r in policy]
+            ours = judge.score(prompts, texts, messages=messages)
+            if ours is not None:
+                theirs = judge.score(prompts, [decode(tok, r) for r in reference],
+                                     messages=messages)
+                chosen = judge.score(prompts, [r.chosen for r in records], messages=messages)
+                metrics["val/eval_reward"] = float(ours.mean())
+                metrics["val/win_rate_vs_ref"] = win_rate(ours, theirs)
+                metrics["val/win_rate_vs_chosen"] = win_rate(ours, chosen)
+        log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
+        return metrics

@@ -81,6 +81,12 @@ class PairGenerationCallback(L.Callback):
                 "PairGenerationCallback needs trainer.reload_dataloaders_every_n_epochs=1 (got "
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
         root = trainer.log_dir or trainer.default_root_dir
+        version = getattr(trainer.logger, "version", None) if trainer.logger else None
+        if version is not None and not os.path.basename(os.path.normpath(root)).endswith(
+                str(version)):
+            # Loggers whose log_dir is their shared save_dir (W&B): one folder per run, or a
+            # second run would overwrite the first one's rounds.
+            root = os.path.join(root, str(version))
         dm.pool_dir_default = os.path.join(root, "rounds")
         if self.labeller is None and dm.hparams.source == "synthetic":
             self.labeller = OracleLabeller(seed=self.seed)

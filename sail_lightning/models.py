@@ -29,6 +29,59 @@ class LoraOptions:
     target_modules: list[str] | str = field(default="all-linear")
 
 
+@dataclass
+class QuantizationOptions:
+    """4-bit base weights (QLoRA, bitsandbytes) under trainable LoRA adapters.
+
+    The storage dtype of the packed 4-bit weights is always the model's float dtype
+    (``model.torch_dtype``, default float32): FSDP shards 4-bit and float weights together
+    only when they share one dtype.
+
+    Attributes:
+        quant_type: ``nf4`` (the QLoRA paper's NormalFloat) or ``fp4``.
+        double_quant: quantize the quantization constants too (about 0.4 bit per weight).
+        compute_dtype: dtype of the dequantized matmuls: ``float32``, ``bfloat16`` or
+            ``float16``; default: the model's ``torch_dtype``, else float32.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str | None = None
+
+
+_QUANT_TYPES = ("nf4", "fp4")
+
+
+def resolve_quantization(options: QuantizationOptions | dict | None) -> QuantizationOptions | None:
+    """Options from a dataclass or a dict (hparams saved by the CLI hold dicts), validated.
+
+    Raises:
+        ValueError: naming the ``model.quantization`` field that is wrong.
+    """
+    if options is None:
+        return None
+    if isinstance(options, dict):
+        options = QuantizationOptions(**options)
+    if options.quant_type not in _QUANT_TYPES:
+        raise ValueError(f"model.quantization.quant_type must be one of {_QUANT_TYPES}, "
+                         f"got {options.quant_type!r}")
+    if options.compute_dtype is not None and options.compute_dtype not in _DTYPES:
+        raise ValueError(f"model.quantization.compute_dtype must be one of {sorted(_DTYPES)}, "
+                         f"got {options.compute_dtype!r}")
+    return options
+
+
+def bnb_config(options: QuantizationOptions, dtype: torch.dtype | None):
+    """The transformers ``BitsAndBytesConfig`` of the options, for a model of ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    storage = dtype or torch.float32
+    compute = _DTYPES[options.compute_dtype] if options.compute_dtype else storage
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
+                              bnb_4bit_use_double_quant=options.double_quant,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
+
+
 def resolve_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
@@ -43,11 +96,13 @@ def build_causal_lm(
     tokenizer,
     dtype: torch.dtype | None = None,
     init_seed: int = 0,
+    quantization: QuantizationOptions | None = None,
 ) -> nn.Module:
     """A causal LM from a hub name or local folder (one code path), or a fresh one from a config.
 
     A config dict is a transformers config (``model_type`` plus sizes); the vocabulary size
-    and the special-token ids are filled in from the tokenizer unless given.
+    and the special-token ids are filled in from the tokenizer unless given. With
+    ``quantization`` the linear layers of a loaded model are 4-bit ``bnb.nn.Linear4bit``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -62,7 +117,43 @@ def build_causal_lm(
             torch.manual_seed(init_seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         return model.to(dtype) if dtype is not None else model
+    if quantization is not None:
+        # An explicit float dtype: "auto" could load bfloat16 weights beside float32 storage.
+        dtype = dtype or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, quantization_config=bnb_config(quantization, dtype))
+        return _no_cpu_inference_repack(model)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def _no_cpu_inference_repack(model: nn.Module) -> nn.Module:
+    """Keeps 4-bit weights in their training layout on CPUs with AVX512-BF16.
+
+    There, bitsandbytes 0.50 repacks a ``Linear4bit`` in place on its first eval-mode,
+    no-grad forward (validation, reference log-probs, generation) into an inference layout.
+    Measured here: log-probs then shift by about 2e-3, the double quantization is undone,
+    and later training forwards give LoRA zero gradients. Training alternates both kinds of
+    forward, so the repack is turned off (no effect on GPUs).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def prepare_quantized(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """peft's k-bit preparation: freezes the base, upcasts half-precision non-quantized
+    weights (norms, embeddings) to float32 for stable training, and turns on gradient
+    checkpointing with input gradients (the frozen embeddings would otherwise cut the graph).
+
+    Note: with a bfloat16 / float16 model the upcast leaves float32 and half-precision weights
+    side by side, which FSDP1 cannot flatten into one unit (untested here: no GPU).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def add_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
@@ -71,6 +162,18 @@ def add_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=options.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether a (peft-wrapped) model holds 4- or 8-bit bitsandbytes weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(getattr(base, f"is_loaded_in_{bits}bit", False) for bits in (4, 8))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Frozen and in eval mode, in place: a reference loaded for that purpose needs no copy."""
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
 from sail_lightning.logprobs import concatenated_logprobs
-from sail_lightning.models import LoraOptions, add_lora, build_causal_lm, frozen_copy, resolve_dtype
+from sail_lightning.models import (
+    LoraOptions,
+    QuantizationOptions,
+    add_lora,
+    build_causal_lm,
+    freeze,
+    frozen_copy,
+    prepare_quantized,
+    resolve_dtype,
+    resolve_quantization,
+)
 from sail_lightning.objectives import (
     BASELINES,
     BONUS_FORMS,
@@ -24,6 +36,13 @@ from sail_lightning.objectives import (
 )
 
 _SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+_REF_ADAPTER = "reference"
+# Checkpoint entry: whether the reference was updated from the policy (then it is saved).
+_CKPT_REFERENCE_UPDATED = "sail_reference_updated"
+# Wrapper prefixes that module names carry but state-dict keys do not.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+log = logging.getLogger("sail_lightning.module")
 
 
 class SAILModule(L.LightningModule):
@@ -42,6 +61,8 @@ class SAILModule(L.LightningModule):
         ref_model_name_or_path: a separate reference model; default: a frozen copy of the
             initial policy, or, with ``lora``, the policy with its adapters disabled.
         lora: LoRA options; unset means full fine-tuning.
+        quantization: 4-bit base weights under the LoRA adapters (QLoRA); needs ``lora``
+            and ``model_name_or_path``. A separate reference is loaded in 4-bit too.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
@@ -75,6 +96,7 @@ class SAILModule(L.LightningModule):
         tokenizer: str | None = None,
         ref_model_name_or_path: str | None = None,
         lora: LoraOptions | None = None,
+        quantization: QuantizationOptions | None = None,
         torch_dtype: str | None = None,
         gradient_checkpointing: bool = False,
         beta: float = 0.1,
@@ -96,10 +118,18 @@ class SAILModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _validate(locals())
+        # Saved as dicts, as the CLI saves them: a checkpoint then loads with torch.load's
+        # default weights_only=True, which refuses pickled dataclasses.
+        lora, quantization = _as_dict(lora), _as_dict(quantization)
         self.save_hyperparameters()
         self.policy = None
         self.reference = None
         self._ref_adapter: str | None = None  # LoRA: a frozen copy of the policy's adapter
+        # The reference no longer equals what configure_model builds: checkpoints keep it.
+        self._reference_updated = False
+        # Checkpoints omit the frozen weights that configure_model rebuilds (on_save_checkpoint);
+        # on_load_checkpoint still requires every other key.
+        self.strict_loading = False
 
     @property
     def tokenizer_name(self) -> str:
@@ -115,19 +145,34 @@ class SAILModule(L.LightningModule):
         hp = self.hparams
         tokenizer = build_tokenizer(self.tokenizer_name)
         dtype = resolve_dtype(hp.torch_dtype)
+        quant = resolve_quantization(hp.quantization)
         policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype,
-                                 hp.init_seed)
-        if hp.gradient_checkpointing:
+                                 hp.init_seed, quant)
+        if quant is not None:
+            policy = prepare_quantized(policy, hp.gradient_checkpointing)
+        elif hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if hp.ref_model_name_or_path:
-            self.reference = frozen_copy(
-                build_causal_lm(hp.ref_model_name_or_path, None, tokenizer, dtype))
+            self.reference = freeze(
+                build_causal_lm(hp.ref_model_name_or_path, None, tokenizer, dtype,
+                                quantization=quant))
         elif hp.lora is None:
             self.reference = frozen_copy(policy)
         if hp.lora is not None:
             lora = hp.lora if isinstance(hp.lora, LoraOptions) else LoraOptions(**hp.lora)
             policy = add_lora(policy, lora)
+        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without
+        # this, dropout would stay off while training.
+        policy.train()
         self.policy = policy
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:
+            # FSDP2 under ModelParallelStrategy: shard here, where the model is built.
+            from sail_lightning.distributed import shard_fsdp2
+
+            shard_fsdp2(self.policy, mesh["data_parallel"])
+            if self.reference is not None:
+                shard_fsdp2(self.reference, mesh["data_parallel"])
 
     @contextlib.contextmanager
     def reference_model(self):
@@ -203,23 +248,30 @@ class SAILModule(L.LightningModule):
     def update_reference(self) -> None:
         """pi_ref <- pi_theta (iterative DPO, SELM). Under LoRA the policy's adapter is
         copied into a second, frozen adapter: nothing is merged into (quantized) weights."""
+        self._reference_updated = True
         if self.hparams.lora is None:
             target = self.reference
             target.load_state_dict(self.policy.state_dict())
             target.requires_grad_(False)
             return
-        if self._ref_adapter is None:
-            import copy as _copy
-
-            self._ref_adapter = "reference"
-            self.policy.add_adapter(self._ref_adapter,
-                                    _copy.deepcopy(self.policy.peft_config["default"]))
-            self.policy.set_adapter("default")
+        self._add_reference_adapter()
         params = dict(self.policy.named_parameters())
         with torch.no_grad():
             for name, p in params.items():
                 if ".default." in name:
                     params[name.replace(".default.", f".{self._ref_adapter}.")].copy_(p)
+        self._freeze_reference_adapter()
+
+    def _add_reference_adapter(self) -> None:
+        """The second LoRA adapter that holds an updated reference (idempotent)."""
+        if self._ref_adapter is not None:
+            return
+        import copy
+
+        self._ref_adapter = _REF_ADAPTER
+        config = copy.deepcopy(self.policy.peft_config["default"])
+        self.policy.add_adapter(self._ref_adapter, config)
+        self.policy.set_adapter("default")
         self._freeze_reference_adapter()
 
     def _freeze_reference_adapter(self) -> None:
@@ -231,6 +283,75 @@ class SAILModule(L.LightningModule):
         config = getattr(self.policy, "config", None)
         pad = getattr(config, "pad_token_id", None)
         return 0 if pad is None else int(pad)
+
+    # -- lean checkpoints ------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drops the frozen weights that ``configure_model`` rebuilds: the reference (from a
+        path, or a copy of the initial policy, which a path or ``init_seed`` reproduces) and,
+        under LoRA / QLoRA, the frozen base. Kept: trainable weights and an updated reference.
+
+        Filtering the checkpoint, not overriding ``state_dict()``, also works under FSDP.
+        """
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        trainable = self._trainable_keys()
+        dropped = [k for k in state if self._rebuildable(k, trainable)]
+        for key in dropped:
+            del state[key]
+        checkpoint[_CKPT_REFERENCE_UPDATED] = self._reference_updated
+        log.debug("checkpoint: %d frozen tensors left out, %d kept", len(dropped), len(state))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the reference adapter if one was saved, then requires every key that
+        ``on_save_checkpoint`` would keep (loading is otherwise non-strict).
+
+        Raises:
+            RuntimeError: naming the keys that are missing and cannot be rebuilt.
+        """
+        state = checkpoint.get("state_dict")
+        if state is None or self.policy is None:
+            return  # e.g. a sharded checkpoint that the strategy loads itself
+        # Checkpoints from before the flag: a saved reference adapter says it all the same.
+        has_adapter = any(f".{_REF_ADAPTER}." in k for k in state if k.startswith("policy."))
+        self._reference_updated = bool(checkpoint.get(_CKPT_REFERENCE_UPDATED, has_adapter))
+        if self._reference_updated and self.hparams.lora is not None:
+            self._add_reference_adapter()  # its weights come from the checkpoint
+        trainable = self._trainable_keys()
+        keys = self._state_keys()
+        missing = [k for k in keys if k not in state and not self._rebuildable(k, trainable)]
+        if missing:
+            raise RuntimeError(f"the checkpoint lacks {len(missing)} weight(s) that cannot be "
+                               f"rebuilt from the model options: {missing[:20]}")
+        # Non-strict loading would drop these silently (4-bit quantization state aside).
+        unexpected = [k for k in set(state) - set(keys) if ".weight." not in k]
+        if unexpected:
+            rank_zero_warn(f"checkpoint weights that the model does not have, ignored: "
+                           f"{sorted(unexpected)[:20]}")
+
+    def _rebuildable(self, key: str, trainable: set[str]) -> bool:
+        """Whether ``configure_model`` recreates the weight of a state-dict key exactly."""
+        if key.startswith("reference."):
+            return not self._reference_updated
+        if self.hparams.lora is not None and key.startswith("policy."):
+            return key not in trainable and f".{_REF_ADAPTER}." not in key
+        return False
+
+    def _trainable_keys(self) -> set[str]:
+        return {_clean_key(n) for n, p in self.named_parameters() if p.requires_grad}
+
+    def _state_keys(self) -> list[str]:
+        """State-dict keys of the parameters and persistent buffers, without materialising
+        the state dict (which would gather sharded weights)."""
+        keys = []
+        for prefix, module in self.named_modules():
+            skip = module._non_persistent_buffers_set
+            tensors = [*module._parameters.items(),
+                       *((n, b) for n, b in module._buffers.items() if n not in skip)]
+            keys += [_clean_key(f"{prefix}.{n}" if prefix else n) for n, t in tensors
+                     if t is not None]
+        return keys
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -297,9 +418,15 @@ class SAILModule(L.LightningModule):
         # Norm before clipping: what a dashboard needs to see a spike.
         if not self._logging_step():
             return
-        norms = grad_norm(self.policy, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # torch's total norm handles FSDP2's sharded (DTensor) gradients; Lightning's
+        # grad_norm utility does not.
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm)
 
     # -- optimisation ----------------------------------------------------------------------
 
@@ -315,6 +442,16 @@ class SAILModule(L.LightningModule):
                                  num_training_steps=total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _as_dict(options: Any) -> Any:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
+
+
+def _clean_key(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 def _validate(args: dict[str, Any]) -> None:
@@ -341,3 +478,11 @@ def _validate(args: dict[str, Any]) -> None:
     if not 0.0 <= args["warmup_ratio"] < 1.0:
         raise ValueError(f"model.warmup_ratio must be in [0, 1), got {args['warmup_ratio']}")
     resolve_dtype(args["torch_dtype"])
+    if resolve_quantization(args["quantization"]) is not None:
+        if args["lora"] is None:
+            raise ValueError("model.quantization (4-bit base weights) trains only LoRA adapters: "
+                             "set model.lora too, or unset model.quantization")
+        if args["model_name_or_path"] is None:
+            raise ValueError("model.quantization quantizes weights as they are loaded: set "
+                             "model.model_name_or_path (save a model_config model with "
+                             "save_pretrained first) instead of model.model_config")

@@ -1,0 +1,188 @@
+"""Lean checkpoints: frozen weights that configure_model rebuilds are left out, and resuming
+restores the very same policy and reference."""
+
+import lightning as L
+import pytest
+import torch
+
+from sail_lightning.data.datamodule import PreferenceDataModule
+from sail_lightning.models import LoraOptions, QuantizationOptions
+from sail_lightning.module import SAILModule
+from tests.conftest import TINY_CONFIG
+
+LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model64_dir(tmp_path_factory, synthetic_tokenizer):
+    """Hidden size 64: LoRA r=2 is then a small share of the weights, as in real models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sail_lightning.synthetic import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(1)
+    cfg = tiny_llama_config(synthetic_tokenizer, hidden_size=64, num_hidden_layers=2)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(path)
+    synthetic_tokenizer.save_pretrained(path)
+    return path
+
+
+class Capture(L.Callback):
+    """Policy and reference weights as training (re)starts, after any checkpoint restore."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.policy = state(pl_module.policy)
+        self.reference = None if pl_module.reference is None else state(pl_module.reference)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not same_bits(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def fit(module, tmp_path, epochs=1, ckpt_path=None, callbacks=()):
+    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
+                              max_prompt_length=16, max_response_length=16)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def train_save_resume(make, tmp_path):
+    """Fits one epoch, saves, resumes for one more; returns the checkpoint, the module as
+    saved, its weights then, and what the resumed run started from."""
+    m = make()
+    trainer = fit(m, tmp_path)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved_policy = state(m.policy)
+    saved_ref = None if m.reference is None else state(m.reference)
+    cap = Capture()
+    torch.manual_seed(1234)  # whatever the global generator holds, the rebuild is the same
+    fit(make(), tmp_path, epochs=2, ckpt_path=ckpt, callbacks=[cap])
+    assert cap.step == 2  # resumed after the saved epoch
+    return torch.load(ckpt, weights_only=True), m, saved_policy, saved_ref, cap
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_lora_checkpoint_holds_the_adapter_only_and_resumes_exactly(model64_dir, tmp_path,
+                                                                    quantized):
+    def make():
+        return SAILModule(model_name_or_path=str(model64_dir), lora=LORA, lr=1e-2,
+                          quantization=QuantizationOptions() if quantized else None)
+
+    ckpt, m, saved_policy, _, cap = train_save_resume(make, tmp_path)
+    kept = ckpt["state_dict"]
+    assert kept and all(".lora_" in k and ".default." in k for k in kept)
+    assert set(kept) == {f"policy.{n}" for n, p in m.policy.named_parameters() if p.requires_grad}
+    full = SAILModule(model_name_or_path=str(model64_dir))
+    full.configure_model()
+    full_bytes = nbytes(full.policy.state_dict().values())
+    assert nbytes(kept.values()) < 0.25 * full_bytes
+    assert (tmp_path / "last.ckpt").stat().st_size < 0.25 * full_bytes  # optimizer state too
+    # The resumed run starts from the saved policy: base rebuilt from the path, adapter
+    # restored from the checkpoint, bit for bit.
+    assert_same(cap.policy, saved_policy)
+
+
+def test_full_finetuning_checkpoint_drops_the_reference_loaded_by_path(model64_dir, tmp_path):
+    def make():
+        return SAILModule(model_name_or_path=str(model64_dir), lr=1e-3)
+
+    ckpt, m, saved_policy, saved_ref, cap = train_save_resume(make, tmp_path)
+    keys = set(ckpt["state_dict"])
+    assert not any(k.startswith("reference.") for k in keys)
+    assert keys == {f"policy.{k}" for k in saved_policy}
+    assert_same(cap.policy, saved_policy)
+    assert_same(cap.reference, saved_ref)
+    assert not all(torch.equal(saved_policy[k], saved_ref[k]) for k in saved_ref)  # it trained
+
+
+def test_model_config_checkpoint_rebuilds_the_reference_from_init_seed(tmp_path):
+    def make():
+        return SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", init_seed=7, lr=1e-3)
+
+    torch.manual_seed(99)
+    ckpt, m, saved_policy, saved_ref, cap = train_save_resume(make, tmp_path)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+    assert_same(cap.reference, saved_ref)
+    assert_same(cap.policy, saved_policy)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_updated_reference_is_kept_and_restored(tiny_model_dir, tmp_path, lora):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lr=1e-2,
+                   lora=LORA if lora else None)
+    trainer = fit(m, tmp_path)
+    m.update_reference()  # iterative DPO: the reference is now a trained policy
+    with torch.no_grad():  # move the policy on, away from that reference
+        for p in m.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    ckpt_path = tmp_path / "updated.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    keys = set(torch.load(ckpt_path, weights_only=True)["state_dict"])
+    ref_keys = {k for k in keys if (".reference." in k if lora else k.startswith("reference."))}
+    assert ref_keys
+    restored = SAILModule.load_from_checkpoint(ckpt_path)
+    assert_same(state(restored.policy), state(m.policy))
+    if lora:
+        assert restored._ref_adapter == "reference"
+        params = dict(restored.policy.named_parameters())
+        assert not any(p.requires_grad for n, p in params.items() if ".reference." in n)
+    else:
+        assert_same(state(restored.reference), state(m.reference))
+    pairs = _pairs(4)
+    torch.testing.assert_close(restored.pair_logprobs(pairs), m.pair_logprobs(pairs))
+
+
+def _pairs(n):
+    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64,
+                              max_prompt_length=16, max_response_length=16)
+    dm.setup("fit")
+    return dm.train_pairs[:n]
+
+
+def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_model_dir,
+                                                                       tmp_path):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2)
+    trainer = fit(m, tmp_path)
+    path = tmp_path / "broken.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    lost = sorted(ckpt["state_dict"])[0]
+    del ckpt["state_dict"][lost]
+    torch.save(ckpt, path)
+    with pytest.raises(RuntimeError, match=lost.replace(".", r"\.")):
+        SAILModule.load_from_checkpoint(path)
+    # Weights that the model lacks would be ignored by non-strict loading: a warning names them.
+    ckpt["state_dict"][lost] = torch.zeros(1)
+    ckpt["state_dict"]["policy.bogus_layer"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "extra.ckpt")
+    with pytest.warns(UserWarning, match="bogus_layer"):
+        with pytest.raises(RuntimeError):  # the zeros(1) stand-in has the wrong shape
+            SAILModule.load_from_checkpoint(tmp_path / "extra.ckpt")
+    with pytest.raises(RuntimeError, match="cannot be rebuilt"):
+        fit(SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA), tmp_path, epochs=2,
+            ckpt_path=path)

@@ -1,0 +1,339 @@
+"""LoRA and QLoRA (4-bit base, bitsandbytes on CPU): what trains, what stays, the reference."""
+
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from sail_lightning.data.datamodule import PreferenceDataModule
+from sail_lightning.data.tokenize import PreferenceCollator
+from sail_lightning.logprobs import concatenated_logprobs
+from sail_lightning.models import LoraOptions, QuantizationOptions
+from sail_lightning.module import SAILModule
+from tests.conftest import TINY_CONFIG
+
+LORA = LoraOptions(r=4, alpha=8, dropout=0.0)
+QLORA = QuantizationOptions(quant_type="nf4", double_quant=True, compute_dtype="float32")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def datamodule() -> PreferenceDataModule:
+    return PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
+                                max_prompt_length=16, max_response_length=16)
+
+
+def fit(module, tmp_path, steps=3, epochs=1, **kw):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, **kw)
+    trainer.fit(module, datamodule=datamodule())
+    return trainer
+
+
+def a_batch(n=6):
+    dm = datamodule()
+    dm.setup("fit")
+    return PreferenceCollator(0)([p.example(0) for p in dm.train_pairs[:n]])
+
+
+def load_base(path, quantized: bool):
+    """The base model loaded on its own, with the QLoRA recipe spelled out (not our code)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # Train mode (dropout is 0): in eval mode bitsandbytes would take its CPU inference path,
+    # which repacks the weights (see sail_lightning.models._no_cpu_inference_repack).
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                           bnb_4bit_quant_storage=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                quantization_config=q).train()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("quantized,checkpointing", [(False, False), (True, False), (True, True)],
+                         ids=["lora", "qlora", "qlora_gradient_checkpointing"])
+def test_lora_and_qlora_train_only_the_adapters(tiny_model_dir, tmp_path, quantized,
+                                                checkpointing):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2,
+                   quantization=QLORA if quantized else None,
+                   gradient_checkpointing=checkpointing)
+    m.configure_model()
+    before = snapshot(m.policy)
+    fit(m, tmp_path)
+    after = snapshot(m.policy)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not same_bits(before[k], after[k])}
+    # Only adapter weights moved; every lora_B left its zero init.
+    assert changed and all("lora_" in k for k in changed)
+    assert {k for k in before if "lora_B" in k} <= changed
+    # The frozen base, 4-bit packed data and quantization constants included, is bit-identical.
+    frozen = [k for k in before if "lora_" not in k]
+    assert frozen and all(same_bits(before[k], after[k]) for k in frozen)
+
+    layers = [mod for name, mod in m.policy.named_modules() if name.endswith(LINEARS)]
+    assert len(layers) == len(LINEARS) * 2
+    for layer in layers:
+        base = layer.base_layer
+        if quantized:
+            assert isinstance(base, bnb.nn.Linear4bit)
+            assert base.weight.quant_state.quant_type == "nf4"
+            assert base.weight.dtype == torch.float32  # storage = the model's float dtype
+        else:
+            assert type(base) is torch.nn.Linear
+
+    # Reference = the policy with its adapters off = the base loaded separately.
+    batch = a_batch()
+    ref, _ = m.reference_logprobs(batch)
+    with torch.no_grad():
+        expected, _ = concatenated_logprobs(load_base(tiny_model_dir, quantized), batch)
+    torch.testing.assert_close(ref, expected, rtol=0, atol=0)
+    m.policy.eval()
+    with torch.no_grad():
+        pol, _ = concatenated_logprobs(m.policy, batch)
+    assert not torch.allclose(pol, expected)
+
+
+def test_qlora_is_an_approximation_of_the_full_precision_base(tiny_model_dir):
+    # A sanity check that the 4-bit model is really quantized, and still close.
+    batch = a_batch()
+    with torch.no_grad():
+        full, _ = concatenated_logprobs(load_base(tiny_model_dir, False), batch)
+        four, _ = concatenated_logprobs(load_base(tiny_model_dir, True), batch)
+    assert not torch.equal(full, four)
+    assert (full - four).abs().max() < 0.1 * full.abs().max()
+
+
+def test_qlora_update_reference_copies_the_adapter_without_merging(tiny_model_dir):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA)
+    m.configure_model()
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    base = {k: v for k, v in snapshot(m.policy).items() if "lora_" not in k}
+    pairs = datamodule_pairs(6)
+    pol, ref_before = m.pair_logprobs(pairs)
+    assert not torch.allclose(pol, ref_before)
+    m.update_reference()
+    pol_after, ref_after = m.pair_logprobs(pairs)
+    torch.testing.assert_close(ref_after, pol, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol_after, pol)
+    params = dict(m.policy.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    for name in trainable:
+        assert torch.equal(params[name], params[name.replace(".default.", ".reference.")])
+    after = snapshot(m.policy)
+    assert all(same_bits(v, after[k]) for k, v in base.items())  # nothing merged
+    assert all(isinstance(mod.base_layer, bnb.nn.Linear4bit)
+               for n, mod in m.policy.named_modules() if n.endswith(LINEARS))
+
+
+def test_qlora_eval_forwards_leave_the_weights_trainable(tiny_model_dir):
+    # Online rounds and validation run eval-mode forwards between training steps.
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA)
+    m.configure_model()
+    before = snapshot(m.policy)
+    batch = a_batch()
+
+    def train_forward():
+        m.policy.train()
+        m.policy.zero_grad()
+        lp, _ = concatenated_logprobs(m.policy, batch)
+        lp.sum().backward()
+        grads = [p.grad.clone() for n, p in m.policy.named_parameters() if "lora_B" in n]
+        return lp.detach(), grads
+
+    lp0, grads0 = train_forward()
+    _, ref = m.pair_logprobs(datamodule_pairs(6), policy=False)  # eval mode, no grad
+    m.policy.eval()
+    with torch.no_grad():
+        lp_eval, _ = concatenated_logprobs(m.policy, batch)
+    lp1, grads1 = train_forward()
+    torch.testing.assert_close(lp_eval, lp0, rtol=0, atol=0)
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=0)
+    assert all(g.abs().sum() > 0 for g in grads1)
+    for a, b in zip(grads0, grads1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    after = snapshot(m.policy)
+    assert all(same_bits(v, after[k]) for k, v in before.items())
+
+
+def test_qlora_separate_reference_is_4bit_frozen_and_left_out_of_checkpoints(tiny_model_dir):
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(
+        tiny_model_dir), lora=LORA, quantization=QLORA)
+    m.configure_model()
+    layers = [mod for n, mod in m.reference.named_modules() if n.endswith(LINEARS)]
+    assert layers and all(isinstance(x, bnb.nn.Linear4bit) for x in layers)
+    assert not any(p.requires_grad for p in m.reference.parameters())
+    batch = a_batch()
+    ref, _ = m.reference_logprobs(batch)
+    separate, m.reference = m.reference, None  # now the policy with its adapters off
+    torch.testing.assert_close(ref, m.reference_logprobs(batch)[0], rtol=0, atol=0)
+    m.reference = separate
+    checkpoint = {"state_dict": m.state_dict()}
+    assert any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    m.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"]
+    assert all(".lora_" in k and k.startswith("policy.") for k in checkpoint["state_dict"])
+
+
+def datamodule_pairs(n):
+    dm = datamodule()
+    dm.setup("fit")
+    return dm.train_pairs[:n]
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    ({"lora": None}, ("model.quantization", "model.lora")),
+    ({"model_name_or_path": None, "model_config": TINY_CONFIG, "tokenizer": "synthetic"},
+     ("model.quantization", "model.model_config")),
+    ({"quantization": QuantizationOptions(quant_type="int4")}, ("quant_type",)),
+    ({"quantization": {"compute_dtype": "float64"}}, ("compute_dtype",)),
+], ids=["qlora_needs_lora", "qlora_needs_a_path", "qlora_quant_type", "qlora_compute_dtype"])
+def test_qlora_bad_options_name_the_options(kwargs, names):
+    kw = {"model_name_or_path": "unused", "lora": LORA, "quantization": QLORA, **kwargs}
+    with pytest.raises(ValueError) as err:
+        SAILModule(**kw)
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+QLORA_YAML = """
+model:
+  model_name_or_path: {path}
+  tokenizer: synthetic
+  lr: 0.01
+  lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}}
+  quantization: {{quant_type: nf4, double_quant: true, compute_dtype: float32}}
+trainer:
+  callbacks:
+    - class_path: sail_lightning.export.ExportPolicyCallback
+      init_args: {{dirpath: {out}/policy, merge_lora: true}}
+"""
+
+
+def test_qlora_and_export_are_expressible_in_yaml(tiny_model_dir, tmp_path):
+    from sail_lightning.cli import main
+
+    config = tmp_path / "qlora.yaml"
+    config.write_text(QLORA_YAML.format(path=tiny_model_dir, out=tmp_path))
+    assert yaml.safe_load(config.read_text())["model"]["quantization"]["quant_type"] == "nf4"
+    main(["fit", "-c", str(config), "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+          "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+          "--data.num_synthetic_pairs=64", "--data.batch_size=8",
+          "--data.max_prompt_length=16", "--data.max_response_length=16"])
+    # QLoRA exports the adapter only (never merged into 4-bit weights).
+    assert (tmp_path / "policy" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "policy" / "base_quantization.json").exists()
+    assert not (tmp_path / "policy" / "model.safetensors").exists()
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits
+
+
+def fit_and_export(module, tmp_path, **callback_kw):
+    from sail_lightning.export import ExportPolicyCallback
+
+    callback = ExportPolicyCallback(**callback_kw)
+    fit(module, tmp_path, callbacks=[callback])
+    return callback
+
+
+def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sail_lightning.export import export_policy
+
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2)
+    cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "policy"))
+    assert cb.kind == "merged" and (tmp_path / "policy" / "model.safetensors").exists()
+    batch = a_batch()
+    m.policy.eval()
+    expected = logits(m.policy, batch)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    torch.testing.assert_close(logits(exported, batch), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(load_base(tiny_model_dir, False), batch), expected)
+    # Merged into a copy: the module's policy still has its (unmerged) adapter.
+    assert hasattr(m.policy, "peft_config")
+    torch.testing.assert_close(logits(m.policy, batch), expected, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    assert tok("a b =")["input_ids"] == m_tokenizer()("a b =")["input_ids"]
+    # With a reference adapter beside it (iterative methods), only the policy's is merged.
+    m.update_reference()
+    with torch.no_grad():
+        for n, p in m.policy.named_parameters():
+            if ".default." in n:
+                p.add_(0.05)
+    assert export_policy(m, str(tmp_path / "policy2")) == "merged"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "policy2").eval()
+    m.policy.eval()
+    torch.testing.assert_close(logits(again, batch), logits(m.policy, batch), atol=1e-5,
+                               rtol=1e-5)
+
+
+def m_tokenizer():
+    from sail_lightning.synthetic import build_tokenizer
+
+    return build_tokenizer("synthetic")
+
+
+def test_export_lora_adapter_only_loads_with_peft(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2)
+    cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "adapter"), merge_lora=False)
+    assert cb.kind == "adapter"
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(load_base(tiny_model_dir, False), tmp_path / "adapter")
+    batch = a_batch()
+    m.policy.eval()
+    torch.testing.assert_close(logits(loaded.eval(), batch), logits(m.policy, batch))
+
+
+def test_export_qlora_saves_the_adapter_and_says_why(tiny_model_dir, tmp_path, caplog):
+    from peft import PeftModel
+
+    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA,
+                   lr=1e-2)
+    with caplog.at_level("WARNING", logger="sail_lightning.export"):
+        cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "q"), merge_lora=True)
+    assert cb.kind == "adapter" and "re-quantize" in caplog.text
+    assert (tmp_path / "q" / "base_quantization.json").exists()
+    loaded = PeftModel.from_pretrained(load_base(tiny_model_dir, True), tmp_path / "q").train()
+    batch = a_batch()
+    m.policy.train()  # as load_base: bitsandbytes' standard (training) CPU path, dropout 0
+    torch.testing.assert_close(logits(loaded, batch), logits(m.policy, batch), rtol=0, atol=0)
+
+
+def test_export_full_finetuning_to_the_default_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lr=1e-2)
+    cb = fit_and_export(m, tmp_path)
+    assert cb.kind == "full" and cb.saved_to == str(tmp_path / "policy")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    batch = a_batch()
+    m.policy.eval()
+    torch.testing.assert_close(logits(exported, batch), logits(m.policy, batch), rtol=0, atol=0)

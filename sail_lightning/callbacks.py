@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from sail_lightning.distributed import generation_context, pad_shard, synced_generation
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.labellers import Labeller, OracleLabeller
 from sail_lightning.objectives import Route
@@ -120,10 +121,12 @@ class PairGenerationCallback(L.Callback):
         dm = trainer.datamodule
         if not self.cache_reference or not dm.train_pairs or dm.epoch_counts()["offline"] == 0:
             return
-        idx = list(range(len(dm.train_pairs)))[trainer.global_rank :: trainer.world_size]
-        _, ref = pl_module.pair_logprobs([dm.train_pairs[i] for i in idx], policy=False,
-                                         batch_size=self.score_batch_size)
-        parts = _all_gather([(idx, ref)], trainer.world_size)
+        idx, real = pad_shard(list(range(len(dm.train_pairs))), trainer.global_rank,
+                              trainer.world_size)
+        with generation_context(trainer):
+            _, ref = pl_module.pair_logprobs([dm.train_pairs[i] for i in idx], policy=False,
+                                             batch_size=self.score_batch_size)
+        parts = _all_gather([(idx[:real], ref[:real])], trainer.world_size)
         out = torch.empty(len(dm.train_pairs), 2)
         for ids, values in parts:
             out[ids] = values
@@ -140,17 +143,20 @@ class PairGenerationCallback(L.Callback):
         n_pp = round(n * need["pp"] / max(1, need["pp"] + need["pr"]))
         routes = [int(Route.PP)] * n_pp + [int(Route.PR)] * (n - n_pp)
         rank, world = trainer.global_rank, trainer.world_size
-        mine = list(range(rank, n, world))
+        # Padded shards: under sharding every rank must run as many forwards as the others.
+        mine, real = pad_shard(list(range(n)), rank, world)
         seed = self.seed + 100_003 * round_index + rank
         if self.labeller is not None:
             self.labeller.reseed(seed)
-        pairs, stats = build_round(
-            pl_module, dm, self.labeller, self.sampling, pair_mode=self.pair_mode,
-            round_index=round_index, prompt_indices=[prompt_indices[k] for k in mine],
-            routes=[routes[k] for k in mine], prompt_positions=mine, seed=seed,
-            progress=self.progress and trainer.is_global_zero,
-            score_batch_size=self.score_batch_size)
-        gathered = _all_gather([(pairs, stats)], world)
+        with generation_context(trainer):
+            pairs, stats = build_round(
+                pl_module, dm, self.labeller, self.sampling, pair_mode=self.pair_mode,
+                round_index=round_index, prompt_indices=[prompt_indices[k] for k in mine],
+                routes=[routes[k] for k in mine], prompt_positions=mine, seed=seed,
+                progress=self.progress and trainer.is_global_zero,
+                score_batch_size=self.score_batch_size,
+                synced_gpus=synced_generation(trainer))
+        gathered = _all_gather([(pairs[:real], stats)], world)
         pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p.prompt_index)
         path = dm.add_round(round_index, pairs, write=trainer.is_global_zero)
         if trainer.is_global_zero:

@@ -57,11 +57,16 @@ class EvaluationCallback(L.Callback):
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        for name, value in self.evaluate(trainer.datamodule, pl_module).items():
+        from sail_lightning.distributed import generation_context, synced_generation
+
+        with generation_context(trainer):
+            metrics = self.evaluate(trainer.datamodule, pl_module,
+                                    synced_gpus=synced_generation(trainer))
+        for name, value in metrics.items():
             pl_module.log(name, value)
 
     @torch.no_grad()
-    def evaluate(self, datamodule, module) -> dict[str, float]:
+    def evaluate(self, datamodule, module, synced_gpus: bool = False) -> dict[str, float]:
         """The metrics above, as a dict (notebooks call it directly)."""
         records = datamodule.val_records[: self.num_prompts]
         pairs = datamodule.val_pairs[: self.num_prompts]
@@ -73,7 +78,7 @@ class EvaluationCallback(L.Callback):
             judge = OracleLabeller(sample=False)
         prompt_ids = [p.prompt_ids for p in pairs]
         gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-               "progress": False}
+               "progress": False, "synced_gpus": synced_gpus}
         greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens)
         policy = [s[0] for s in generate_responses(module.policy, prompt_ids, greedy,
                                                    seed=self.seed, desc="eval", **gen)]

@@ -31,7 +31,8 @@ PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
 def build_round(module, datamodule, labeller: Labeller | None, sampling: SamplingOptions, *,
                 pair_mode: str, round_index: int, prompt_indices: list[int],
                 routes: list[int], prompt_positions: list[int], seed: int,
-                progress: bool = True, score_batch_size: int = 32) -> tuple[list[OnlinePair], dict]:
+                progress: bool = True, score_batch_size: int = 32,
+                synced_gpus: bool = False) -> tuple[list[OnlinePair], dict]:
     """Pairs for the given prompts (one shard of a round) and timing statistics.
 
     Args:
@@ -47,7 +48,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
     prompts = [r.prompt for r in records]
     messages = [r.messages for r in records]
     gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-           "progress": progress}
+           "progress": progress, "synced_gpus": synced_gpus}
     t0 = time.perf_counter()
     if pair_mode in ("two_samples", "best_worst"):
         samples = generate_responses(module.policy, prompt_ids, sampling, seed=seed, **gen)

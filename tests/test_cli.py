@@ -57,7 +57,8 @@ def test_stacked_pieces_equal_the_quickstart(capsys):
     assert print_config(capsys, pieces) == print_config(capsys, ["-c", QUICK])
 
 
-METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
+# Methods that run on the synthetic task (the *_rm ones need a reward model from the hub).
+METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml") if not p.stem.endswith("_rm"))
 OFFLINE = {"dpo", "ipo", "sail_dp"}
 
 

@@ -1,0 +1,153 @@
+"""The notebooks run top to bottom in a fresh kernel and draw their figures.
+
+Each is executed with nbconvert's ExecutePreprocessor (kernel ``python3``, working folder
+``notebooks/``, 300 s per cell). The notebooks write their logs and PNGs to
+``$SAIL_NOTEBOOK_OUT`` (here a pytest tmp folder; by default a new temporary folder), so the
+repository is left untouched.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("nbconvert")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+from nbconvert.preprocessors import ExecutePreprocessor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def execute(name: str, out: Path, monkeypatch, **env: str):
+    """Runs ``notebooks/<name>`` with ``env`` set; returns the executed notebook."""
+    monkeypatch.setenv("SAIL_NOTEBOOK_OUT", str(out))
+    # The kernel must import this checkout, installed or not.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    for key in ("SAIL_COMPARE_RESULTS", "SAIL_COMPARE_QUICK", "SAIL_COMPARE_METHODS",
+                "SAIL_COMPARE_PAIRS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
+        nb, {"metadata": {"path": str(NOTEBOOKS)}})  # raises CellExecutionError on an error
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    return nb
+
+
+def images(nb) -> int:
+    """Figures displayed in the executed notebook's outputs."""
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_there_are_the_two_notebooks():
+    assert ALL == ["01_small_model_sail.ipynb", "02_compare_methods.ipynb"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebooks_are_saved_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+def test_small_model_sail_notebook(tmp_path, monkeypatch):
+    nb = execute("01_small_model_sail.ipynb", tmp_path, monkeypatch)
+    assert_png(tmp_path / "learning_curves.png")
+    assert_png(tmp_path / "reward_histograms.png")
+    assert images(nb) >= 2
+    # It trained 3 epochs with an online round before each: the logs and rounds are there.
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    rounds = sorted(metrics.parent.glob("rounds/round_*.jsonl"))
+    assert [r.name for r in rounds] == [f"round_{i:04d}.jsonl" for i in range(3)]
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/win_rate_vs_ref", "gen/true_reward_mean"} <= set(header)
+
+
+def fake_results() -> dict:
+    """A results file as benchmarks/compare_methods.py writes it (compare()'s return)."""
+    def stat(mean, ci95):
+        return {"mean": mean, "ci95": ci95, "n": 3, "values": [mean] * 3}
+
+    methods = {"dpo": "DPO", "online_dpo": "online DPO", "sail_pr": "SAIL-PR"}
+    summary = {m: {"win_rate": stat(0.5 + 0.05 * i, 0.03), "true_reward": stat(0.2 + 0.1 * i, 0.02),
+                   "wall_seconds": stat(10.0 + i, 1.0)} for i, m in enumerate(methods)}
+    return {"quick": False, "seeds": [0, 1, 2], "methods": methods,
+            "budget": {"pairs_per_epoch": 1024, "epochs": 3, "eval_prompts": 512,
+                       "total_pairs": 3072},
+            "setup": {"base": {"eval_true_reward": 0.15}}, "summary": summary,
+            "win_rate": {m: s["win_rate"]["mean"] for m, s in summary.items()}}
+
+
+def test_compare_methods_notebook_loads_saved_results(tmp_path, monkeypatch):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(fake_results()))
+    nb = execute("02_compare_methods.ipynb", tmp_path / "out", monkeypatch,
+                 SAIL_COMPARE_RESULTS=str(results))
+    assert_png(tmp_path / "out" / "comparison_win_rate.png")
+    assert_png(tmp_path / "out" / "comparison_true_reward.png")
+    assert images(nb) == 2
+    text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+    assert "online DPO" in text and str(results) in text  # the table, and where it came from
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sail_lightning.experiments") is None,
+                    reason="sail_lightning.experiments is not there")
+def test_compare_methods_notebook_runs_a_tiny_comparison(tmp_path, monkeypatch):
+    # The quick comparison, on a tinier budget: two methods, 128 pairs per epoch, one seed.
+    nb = execute("02_compare_methods.ipynb", tmp_path, monkeypatch, SAIL_COMPARE_QUICK="1",
+                 SAIL_COMPARE_METHODS="dpo,sail_pr", SAIL_COMPARE_PAIRS="128")
+    results = json.loads((tmp_path / "compare_methods_quick.json").read_text())
+    assert list(results["summary"]) == ["dpo", "sail_pr"]
+    assert results["budget"]["pairs_per_epoch"] == 128 and results["seeds"] == [0]
+    assert_png(tmp_path / "comparison_win_rate.png")
+    assert_png(tmp_path / "comparison_true_reward.png")
+    assert images(nb) == 2
+
+
+BLOCK_EXPERIMENTS = """\
+import importlib.abc
+import sys
+
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "sail_lightning.experiments":
+            raise ModuleNotFoundError("sail_lightning.experiments blocked by the test")
+
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_compare_methods_notebook_explains_when_it_has_nothing_to_show(tmp_path, monkeypatch):
+    # No results file and no sail_lightning.experiments (a sitecustomize in the kernel's
+    # PYTHONPATH blocks it): the notebook still runs, says what to do, and draws nothing.
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BLOCK_EXPERIMENTS)
+    monkeypatch.setenv("PYTHONPATH", str(block))
+    nb = execute("02_compare_methods.ipynb", tmp_path / "out", monkeypatch,
+                 SAIL_COMPARE_RESULTS=str(tmp_path / "missing.json"))
+    text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+    assert "blocked by the test" in text and "benchmarks/compare_methods.py" in text
+    assert images(nb) == 0 and not list((tmp_path / "out").glob("*.png"))

@@ -388,9 +388,11 @@ class SAILModule(L.LightningModule):
                 f"train/loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}. "
                 "model.response_term=released_code divides by log pi(y), which nears 0 as "
                 "responses shrink; lower model.lr or model.coef_*, or use score_function")
-        # Synced: under DDP the logged loss is the global batch's, as with one process.
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if self._logging_step():
+            # Only on the steps the logger writes: each self.log costs about a millisecond,
+            # most of a tiny model's step. Synced: under DDP the logged loss is the global
+            # batch's, as with one process.
+            self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
             self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"),
                      prog_bar=True, batch_size=n)
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)

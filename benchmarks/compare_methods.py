@@ -1,0 +1,103 @@
+"""Every method of the library on the synthetic task, judged by the true reward.
+
+One command, CPU only, nothing downloaded. From one base policy (a tiny Llama trained
+briefly by SFT on noisy demonstrations), one offline data set (two base-policy samples per
+prompt, labelled by the task's Bradley-Terry oracle) and one learned reward model (trained
+on those pairs; it labels the online methods' pairs), it trains DPO, iterative DPO, online
+DPO, SAIL-DP, SAIL-PP, SAIL-PR (score_function and released_code), SELM and XPO through
+``sail_lightning.cli.main`` at the same number of training pairs, for each seed, and reports
+the win rate of each final policy's greedy responses against the base policy's (true reward,
+ties half), its mean true reward and its wall time, as mean ± 95% t-interval over seeds.
+
+    python benchmarks/compare_methods.py            # 3 seeds, the FULL budget
+    python benchmarks/compare_methods.py --quick    # 1 seed, a small budget (< 5 min)
+
+Writes ``benchmarks/results/compare_methods{,_quick}.json`` and the charts (win rate, and
+true reward in ``..._true_reward.png``, via ``sail_lightning.plots.comparison_chart``). The
+last line of stdout is one JSON object (``win_rate``, ``true_reward``, ``wall_seconds``:
+method -> mean; ``seeds``, ``quick``, ``budget``, ``total_seconds``). The logic lives in
+``sail_lightning.experiments``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+try:
+    import sail_lightning  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sail_lightning.experiments import FULL, METHODS, QUICK, compare, markdown_table
+from sail_lightning.experiments.report import save_charts
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, a small budget")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="default: 0 1 2 (0 with --quick)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--pairs-per-epoch", type=int, default=None,
+                   help=f"default {FULL.pairs_per_epoch} ({QUICK.pairs_per_epoch} with --quick)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default {FULL.epochs} ({QUICK.epochs} with --quick)")
+    p.add_argument("--work-dir", default="runs/compare_methods")
+    p.add_argument("--results-dir", default=RESULTS)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is robust on a shared 2-core machine)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    if args.pairs_per_epoch:
+        budget = replace(budget, pairs_per_epoch=args.pairs_per_epoch)
+    if args.epochs:
+        budget = replace(budget, epochs=args.epochs)
+    results = compare(args.methods, args.seeds, args.quick, args.work_dir, budget=budget,
+                      threads=args.threads, log=lambda s: print(s, flush=True))
+    suffix = "_quick" if args.quick else ""
+    os.makedirs(args.results_dir, exist_ok=True)
+    json_path = os.path.join(args.results_dir, f"compare_methods{suffix}.json")
+    png_path = os.path.join(args.results_dir, f"compare_methods{suffix}.png")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1)
+    b = results["budget"]
+    title = (f"synthetic task, {b['total_pairs']} training pairs per method "
+             f"({b['epochs']} x {b['pairs_per_epoch']}), seeds {results['seeds']}, 95% CI")
+    pngs = save_charts(results, png_path, title=title)
+    print()
+    print(f"Budget: {b['total_pairs']} training pairs per method ({b['epochs']} epochs x "
+          f"{b['pairs_per_epoch']}); base policy true reward "
+          f"{results['setup']['base']['eval_true_reward']:.3f} on {b['eval_prompts']} held-out "
+          f"prompts; mean ± 95% t-interval over seeds {results['seeds']}.")
+    print()
+    print(markdown_table(results["summary"], results["methods"]))
+    print()
+    print(f"Labels of the online pairs vs the true reward's order, per round (mean over seeds; "
+          f"the offline pairs' oracle labels: {results['setup']['offline']['label_agreement']:.3f}"
+          f"; reward model on held-out base-policy pairs: "
+          f"{results['setup']['reward_model']['heldout_agreement']['vs_true_reward']:.3f}):")
+    for m, s in results["summary"].items():
+        if "online_label_agreement" in s:
+            rounds = ", ".join(f"{a:.3f}" for a in s["online_label_agreement"])
+            print(f"- {results['methods'][m]}: {rounds}")
+    print()
+    print(f"total wall time: {results['total_seconds']:.0f}s; wrote {json_path}, {', '.join(pngs)}")
+    keys = ("win_rate", "true_reward", "wall_seconds", "seeds", "quick", "budget",
+            "total_seconds", "fallbacks")
+    print(json.dumps({k: results[k] for k in keys}))
+    return results
+
+
+if __name__ == "__main__":
+    main()

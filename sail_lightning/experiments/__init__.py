@@ -1,0 +1,23 @@
+"""Method comparison on the synthetic task (``benchmarks/compare_methods.py`` drives it).
+
+Importable from notebooks::
+
+    from sail_lightning.experiments import compare
+    results = compare(["dpo", "sail_pr"], seeds=[0], quick=True, work_dir="runs/cmp")
+"""
+
+from sail_lightning.experiments.base import (
+    reward_model_agreement,
+    sample_offline_pairs,
+    train_base_policy,
+    train_reward_model,
+)
+from sail_lightning.experiments.compare import FULL, QUICK, Budget, compare
+from sail_lightning.experiments.report import bar_chart, markdown_table, mean_ci
+from sail_lightning.experiments.runs import METHODS, SavePolicy, evaluate_policy, run_method
+
+__all__ = [
+    "FULL", "METHODS", "QUICK", "Budget", "SavePolicy", "bar_chart", "compare",
+    "evaluate_policy", "markdown_table", "mean_ci", "reward_model_agreement", "run_method",
+    "sample_offline_pairs", "train_base_policy", "train_reward_model",
+]

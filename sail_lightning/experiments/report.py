@@ -1,0 +1,116 @@
+"""Aggregation over seeds (mean and 95% confidence interval), the table and the chart."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# Two-sided 95% quantiles of Student's t, t_{0.975, df} (scipy may be missing here).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042,
+         40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t_quantile_975(df: int) -> float:
+    """``t_{0.975, df}`` from the table; between entries the next smaller df (conservative);
+    beyond 120 the normal quantile 1.96."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df > 120:
+        return 1.96
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def mean_ci(values: Sequence[float]) -> dict:
+    """Mean and the half-width of its 95% t-interval, ``t_{0.975, n-1} * s / sqrt(n)``.
+
+    Returns:
+        ``{"mean", "ci95", "n", "values"}``; ``ci95`` is None for a single value.
+    """
+    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0, "values": []}
+    mean = sum(xs) / n
+    if n == 1:
+        return {"mean": mean, "ci95": None, "n": 1, "values": xs}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return {"mean": mean, "ci95": t_quantile_975(n - 1) * sd / math.sqrt(n), "n": n,
+            "values": xs}
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "diverged"
+    text = f"{stat['mean']:.{digits}f}"
+    return text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.{digits}f}"
+
+
+def markdown_table(summary: dict[str, dict], labels: dict[str, str]) -> str:
+    """One row per method: win rate vs base, true reward, wall seconds (mean ± 95% CI)."""
+    lines = ["| method | win rate vs base | true reward | wall time (s) | seeds |",
+             "|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {labels.get(name, name)} | {_fmt(s['win_rate'])} | "
+                     f"{_fmt(s['true_reward'])} | {_fmt(s['wall_seconds'], 1)} | "
+                     f"{s['win_rate']['n']} |")
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict[str, dict], labels: dict[str, str], path: str, *,
+              base_reward: float | None = None, title: str = "") -> str:
+    """Win rate and true reward per method, bars at the mean, error bars the 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, ylabel in ((axes[0], "win_rate", "win rate vs base (ties half)"),
+                            (axes[1], "true_reward", "true reward r* (greedy)")):
+        means = [summary[n][key]["mean"] or 0.0 for n in names]
+        errs = [summary[n][key]["ci95"] or 0.0 for n in names]
+        ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=35,
+                      ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].axhline(0.5, color="grey", ls="--", lw=1, label="= base")
+    axes[0].legend(fontsize=8)
+    if base_reward is not None:
+        axes[1].axhline(base_reward, color="grey", ls="--", lw=1, label="base policy")
+        axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_charts(results: dict, path: str, *, title: str = "") -> list[str]:
+    """The comparison's PNGs: win rate at ``path`` and true reward beside it.
+
+    Uses ``sail_lightning.plots.comparison_chart`` (one metric per figure) where that module
+    exists, else ``bar_chart`` above (both metrics in one figure, at ``path``).
+    """
+    try:
+        from sail_lightning.plots import comparison_chart
+    except ImportError:
+        return [bar_chart(results["summary"], results["methods"], path,
+                          base_reward=results["setup"]["base"]["eval_true_reward"],
+                          title=title)]
+    import matplotlib.pyplot as plt
+
+    stem, ext = path.rsplit(".", 1)
+    paths = [path, f"{stem}_true_reward.{ext}"]
+    base = results["setup"]["base"]["eval_true_reward"]
+    for metric, out in zip(("win_rate", "true_reward"), paths, strict=True):
+        what = "win rate vs base (ties half)" if metric == "win_rate" else (
+            f"true reward (base policy {base:.3f})")
+        fig = comparison_chart(results, metric, path=out,
+                               title=f"{what}\n{title}" if title else what)
+        plt.close(fig)
+    return paths

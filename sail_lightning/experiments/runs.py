@@ -1,0 +1,246 @@
+"""One method run through the library's CLI, and the evaluation of its final policy.
+
+Every run is ``sail_lightning.cli.main(["fit", "-c", "configs/quickstart.yaml", "-c",
+"configs/method/<m>.yaml", "-c", <overlay>, ...])``. The overlay, generated per run and kept
+beside its logs, replaces the trainer's callback list: the ``PairGenerationCallback`` of the
+method's config (its ``init_args`` copied) with the learned reward model as labeller, plus
+``SavePolicy``, which writes the final policy with ``save_pretrained`` for evaluation. The
+quickstart's ``EvaluationCallback`` is left out (the comparison evaluates once, at the end,
+with the true reward), and so is validation.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import yaml
+
+from sail_lightning.evaluation import win_rate
+from sail_lightning.experiments.base import greedy_reward, load_policy
+from sail_lightning.synthetic import SyntheticTask
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(REPO, "configs")
+_CALLBACK = "sail_lightning.callbacks.PairGenerationCallback"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method: its config under ``configs/method/`` and extra CLI arguments."""
+
+    config: str
+    label: str
+    args: tuple[str, ...] = field(default_factory=tuple)
+    # Tried in order when a run diverges (FloatingPointError): smaller response-term weights.
+    fallbacks: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+
+
+METHODS: dict[str, Method] = {
+    "dpo": Method("dpo", "DPO"),
+    "iterative_dpo": Method("iterative_dpo", "iterative DPO"),
+    "online_dpo": Method("online_dpo", "online DPO"),
+    "sail_dp": Method("sail_dp", "SAIL-DP"),
+    "sail_pp": Method("sail_pp", "SAIL-PP"),
+    "sail_pr": Method("sail_pr", "SAIL-PR"),
+    # The authors' gradient hook sums over the batch and divides by log pi(y): at the
+    # quickstart's lr it diverges (README); gamma is cut tenfold, then a hundredfold, if so.
+    "sail_pr_released": Method(
+        "sail_pr", "SAIL-PR (released_code)", ("--model.response_term=released_code",),
+        (("--model.coef_pr=0.03",), ("--model.coef_pr=0.003",))),
+    "selm": Method("selm", "SELM"),
+    "xpo": Method("xpo", "XPO"),
+}
+
+
+class SavePolicy(L.Callback):
+    """Saves the trained policy (``save_pretrained``) when fit ends.
+
+    Args:
+        path: folder to write the policy to.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            pl_module.policy.save_pretrained(self.path)
+            trainer.datamodule.tokenizer.save_pretrained(self.path)
+
+
+def _method_yaml(config: str) -> dict:
+    with open(os.path.join(CONFIGS, "method", f"{config}.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def budget_args(method: str, pairs_per_epoch: int) -> list[str]:
+    """Data arguments that make one epoch of ``method`` exactly ``pairs_per_epoch`` pairs.
+
+    The offline file may hold more pairs (the reward model trains on all of them); a method
+    reads its first ones (``data.limit``). Offline methods (DPO, SAIL-DP) read
+    ``pairs_per_epoch`` and pass each once per epoch. Online-only methods
+    (``mix_pp + mix_pr = 1``) read as many (their prompts; SELM also ranks their responses)
+    and train on ``online_pairs = pairs_per_epoch`` fresh pairs. Mixtures (SAIL-PP, SAIL-PR,
+    online share ``m``) make an epoch of ``n_offline / (1 - m)`` pairs, so they read
+    ``(1 - m) * pairs_per_epoch`` offline pairs and add ``m * pairs_per_epoch`` online.
+    """
+    data = _method_yaml(METHODS[method].config).get("data", {})
+    online = data.get("mix_pp", 0.0) + data.get("mix_pr", 0.0)
+    if online >= 1.0 - 1e-9:
+        return [f"--data.limit={pairs_per_epoch}", f"--data.online_pairs={pairs_per_epoch}"]
+    return [f"--data.limit={round((1.0 - online) * pairs_per_epoch)}"]
+
+
+def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str,
+                  run_dir: str, seed: int, epochs: int) -> str:
+    """The per-run YAML: trainer settings and the full callback list (see module docstring)."""
+    callbacks: list[dict] = []
+    for cb in _method_yaml(METHODS[method].config).get("trainer", {}).get("callbacks", []):
+        if cb.get("class_path") != _CALLBACK:
+            continue
+        init = dict(cb.get("init_args") or {})
+        init.update(seed=seed, progress=False)
+        if rm_dir is not None:
+            init["labeller"] = {"class_path": "sail_lightning.labellers.RewardModelLabeller",
+                                "init_args": {"name_or_path": rm_dir, "progress": False,
+                                              "batch_size": 256}}
+        callbacks.append({"class_path": _CALLBACK, "init_args": init})
+    callbacks.append({"class_path": "sail_lightning.experiments.runs.SavePolicy",
+                      "init_args": {"path": policy_out}})
+    overlay = {
+        "seed_everything": seed,
+        "trainer": {
+            "max_epochs": epochs,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": run_dir,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": run_dir, "name": "csv"}},
+            "callbacks": callbacks,
+        },
+        "model": {"label_seed": seed},
+        "data": {"seed": seed, "val_fraction": 0.0},
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(overlay, f, sort_keys=False)
+    return path
+
+
+def cli_args(method: str, *, base_dir: str, offline_path: str, overlay: str,
+             pairs_per_epoch: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``main()`` arguments of one run."""
+    m = METHODS[method]
+    return ["fit", "-c", os.path.join(CONFIGS, "quickstart.yaml"),
+            "-c", os.path.join(CONFIGS, "method", f"{m.config}.yaml"), "-c", overlay,
+            f"--model.model_name_or_path={base_dir}", "--model.model_config=null",
+            f"--model.tokenizer={base_dir}", f"--data.source={offline_path}",
+            *budget_args(method, pairs_per_epoch), *m.args, *extra]
+
+
+def quiet() -> None:
+    """Lightning's banners and warnings off: the comparison prints its own table."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "sail_lightning",
+                 "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: str,
+               work_dir: str, seed: int, epochs: int, pairs_per_epoch: int,
+               extra: tuple[str, ...] = ()) -> dict:
+    """Trains ``method`` from the base policy through the CLI; returns where the policy is.
+
+    On divergence (the run raises ``FloatingPointError``) the method's fallbacks are tried in
+    order; the result names the arguments that were finally used.
+
+    Returns:
+        ``{"policy_dir", "wall_seconds", "args", "attempts"}``; ``policy_dir`` is None when
+        every attempt diverged.
+    """
+    from sail_lightning.cli import main
+
+    quiet()
+    m = METHODS[method]
+    run_dir = os.path.join(work_dir, "runs", method, f"seed{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # no stale policy or round files
+    os.makedirs(run_dir, exist_ok=True)
+    policy_out = os.path.join(run_dir, "policy")
+    overlay = write_overlay(method, os.path.join(run_dir, "overlay.yaml"), rm_dir=rm_dir,
+                            policy_out=policy_out, run_dir=run_dir, seed=seed, epochs=epochs)
+    attempts = []
+    t0 = time.perf_counter()
+    for fallback in ((), *m.fallbacks):
+        args = cli_args(method, base_dir=base_dir, offline_path=offline_path, overlay=overlay,
+                        pairs_per_epoch=pairs_per_epoch, extra=(*extra, *fallback))
+        try:
+            main(args)
+        except FloatingPointError as e:
+            attempts.append({"args": list(fallback), "error": str(e).split(".")[0]})
+            continue
+        attempts.append({"args": list(fallback), "error": None})
+        return {"policy_dir": policy_out, "wall_seconds": time.perf_counter() - t0,
+                "args": list(fallback), "attempts": attempts, "rounds": round_stats(run_dir)}
+    return {"policy_dir": None, "wall_seconds": time.perf_counter() - t0, "args": None,
+            "attempts": attempts, "rounds": []}
+
+
+def round_stats(run_dir: str, task: SyntheticTask | None = None) -> list[dict]:
+    """Per online round of the run's last attempt, judged by the true reward r*.
+
+    ``label_agreement``: how often the pair's label (reward model, or the policy's own
+    Bradley-Terry draw for SAIL-PP) orders it as r* does, ties half; ``chosen`` /
+    ``rejected``: mean r* of each side. Empty for offline methods.
+    """
+    task = task or SyntheticTask()
+    versions = glob.glob(os.path.join(run_dir, "csv", "version_*"))
+    if not versions:
+        return []
+    last = max(versions, key=lambda v: int(v.rsplit("_", 1)[1]))
+    out = []
+    for path in sorted(glob.glob(os.path.join(last, "rounds", "round_*.jsonl"))):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows:
+            continue
+        xs = [r["prompt"] for r in rows]
+        rc = task.score(xs, [r["chosen"] for r in rows])
+        rr = task.score(xs, [r["rejected"] for r in rows])
+        agree = (rc > rr).float() + 0.5 * (rc == rr).float()
+        out.append({"round": len(out), "pairs": len(rows),
+                    "label_agreement": float(agree.mean()), "chosen": float(rc.mean()),
+                    "rejected": float(rr.mean())})
+    return out
+
+
+def evaluate_policy(policy_dir: str, prompts: list[str], base_rewards: torch.Tensor,
+                    task: SyntheticTask | None = None) -> dict:
+    """True reward of the policy's greedy responses, and their win rate against the base's.
+
+    Args:
+        base_rewards: true rewards of the base policy's greedy responses to ``prompts``.
+
+    Returns:
+        ``{"win_rate", "true_reward"}``; ties count half (``evaluation.win_rate``).
+    """
+    model, tok = load_policy(policy_dir)
+    _, rewards = greedy_reward(model, tok, prompts, task)
+    return {"win_rate": win_rate(rewards, base_rewards), "true_reward": float(rewards.mean())}

@@ -1,0 +1,116 @@
+"""sail_lightning.experiments: the comparison's fixed starting point and its statistics.
+
+The base policy is imperfect but better than random, the learned reward model agrees with
+the oracle more than chance, and the win-rate / confidence-interval helpers give hand values.
+"""
+
+import math
+
+import pytest
+import torch
+
+from sail_lightning.evaluation import win_rate
+from sail_lightning.experiments import (
+    METHODS,
+    markdown_table,
+    mean_ci,
+    reward_model_agreement,
+    sample_offline_pairs,
+    train_base_policy,
+    train_reward_model,
+)
+from sail_lightning.experiments.base import _fresh_causal_lm, greedy_reward, load_policy, read_pairs
+from sail_lightning.experiments.report import t_quantile_975
+from sail_lightning.experiments.runs import budget_args, cli_args, write_overlay
+from sail_lightning.synthetic import SyntheticTask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("experiments")
+    base = train_base_policy(str(d / "base"), steps=80, max_noise=0.5, seed=0)
+    offline = sample_offline_pairs(str(d / "base"), str(d / "offline.jsonl"), 1536, seed=1)
+    held = sample_offline_pairs(str(d / "base"), str(d / "held.jsonl"), 256, seed=2)
+    rm = train_reward_model(str(d / "offline.jsonl"), str(d / "rm"), epochs=4, seed=0)
+    return {"dir": d, "base": base, "offline": offline, "held": held, "rm": rm}
+
+
+def test_base_policy_is_imperfect_but_better_than_random(setup):
+    task = SyntheticTask()
+    prompts = task.sample_prompts(256, seed=123)
+    model, tok = load_policy(setup["base"]["path"])
+    _, trained = greedy_reward(model, tok, prompts, task)
+    _, random_init = greedy_reward(_fresh_causal_lm(tok, seed=0).eval(), tok, prompts, task)
+    assert float(random_init.mean()) < float(trained.mean()) < 1.0
+    assert float(trained.mean()) < 0.9  # room left to improve
+    assert win_rate(trained, random_init) > 0.8
+
+
+def test_offline_pairs_are_distinct_oracle_labelled_base_samples(setup):
+    rows = read_pairs(setup["offline"]["path"])
+    assert len(rows) == 1536
+    assert all(r["chosen"] != r["rejected"] and r["chosen"] and r["rejected"] for r in rows)
+    # The Bradley-Terry draws mostly, not always, prefer the higher true reward.
+    assert 0.7 < setup["offline"]["label_agreement"] < 1.0
+
+
+def test_reward_model_agrees_with_oracle_more_than_chance(setup):
+    agreement = reward_model_agreement(setup["rm"]["path"], read_pairs(setup["held"]["path"]))
+    assert agreement["vs_true_reward"] > 0.58
+    assert agreement["vs_labels"] > 0.55
+
+
+def test_win_rate_counts_ties_half():
+    a = torch.tensor([1.0, 0.5, 0.2, 0.0])
+    b = torch.tensor([0.0, 0.5, 0.3, 0.0])
+    assert win_rate(a, b) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert win_rate(b, a) == pytest.approx(1 - win_rate(a, b))
+
+
+def test_mean_ci_on_hand_values():
+    # mean 2, sample sd 1, n 3: half-width t_{0.975,2} / sqrt(3) = 4.303 / 1.7320508
+    stat = mean_ci([1.0, 2.0, 3.0])
+    assert stat["mean"] == pytest.approx(2.0)
+    assert stat["ci95"] == pytest.approx(4.303 / math.sqrt(3))
+    assert stat["n"] == 3
+    assert mean_ci([0.4])["ci95"] is None
+    assert mean_ci([])["mean"] is None
+    two = mean_ci([0.0, 1.0])  # sd sqrt(0.5), t_{0.975,1} = 12.706
+    assert two["ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert t_quantile_975(4) == 2.776
+    assert t_quantile_975(22) == 2.086  # between entries: the smaller df (wider interval)
+    assert t_quantile_975(1000) == 1.96
+    table = markdown_table({"dpo": {"win_rate": stat, "true_reward": mean_ci([0.5]),
+                                    "wall_seconds": mean_ci([10.0, 12.0])}}, {"dpo": "DPO"})
+    assert "| DPO | 2.000 ± 2.484 | 0.500 | 11.0 ± 12.7 | 3 |" in table
+
+
+def test_budget_gives_every_method_the_same_pairs_per_epoch():
+    assert budget_args("dpo", 1000) == ["--data.limit=1000"]
+    assert budget_args("sail_pr", 1000) == ["--data.limit=700"]  # 700 / (1 - 0.3) = 1000
+    assert budget_args("sail_pp", 1000) == ["--data.limit=700"]
+    assert budget_args("online_dpo", 1000) == ["--data.limit=1000", "--data.online_pairs=1000"]
+    assert set(METHODS) >= {"dpo", "iterative_dpo", "online_dpo", "sail_dp", "sail_pp",
+                            "sail_pr", "sail_pr_released", "selm", "xpo"}
+
+
+def test_overrides_land_in_the_cli_config(tmp_path, capsys):
+    from sail_lightning.cli import main
+
+    overlay = write_overlay("sail_pr", str(tmp_path / "overlay.yaml"), rm_dir="/rm",
+                            policy_out=str(tmp_path / "policy"), run_dir=str(tmp_path),
+                            seed=7, epochs=2)
+    args = cli_args("sail_pr_released", base_dir="/base", offline_path="/data/x.jsonl",
+                    overlay=overlay, pairs_per_epoch=100)
+    with pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    out = capsys.readouterr().out
+    for expected in ("model_name_or_path: /base", "tokenizer: /base", "source: /data/x.jsonl",
+                     "name_or_path: /rm", "response_term: released_code", "limit: 70",
+                     "seed_everything: 7", "label_seed: 7", "max_epochs: 2",
+                     "sail_lightning.experiments.runs.SavePolicy",
+                     "enable_progress_bar: false"):
+        assert expected in out, expected
+    assert "EvaluationCallback" not in out  # the overlay replaces the callback list
+    assert "model_config: null" in out

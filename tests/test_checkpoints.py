@@ -8,7 +8,7 @@ import torch
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, save_tiny_llama
 
 LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
 
@@ -16,16 +16,8 @@ LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
 @pytest.fixture(scope="module")
 def model64_dir(tmp_path_factory, synthetic_tokenizer):
     """Hidden size 64: LoRA r=2 is then a small share of the weights, as in real models."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sail_lightning.synthetic import tiny_llama_config
-
-    path = tmp_path_factory.mktemp("llama64")
-    torch.manual_seed(1)
-    cfg = tiny_llama_config(synthetic_tokenizer, hidden_size=64, num_hidden_layers=2)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(path)
-    synthetic_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama64"), synthetic_tokenizer,
+                           hidden_size=64, seed=1)
 
 
 class Capture(L.Callback):

@@ -11,7 +11,7 @@ from sail_lightning.data.tokenize import PreferenceCollator
 from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, assert_reference_becomes_the_policy
 
 LORA = LoraOptions(r=4, alpha=8, dropout=0.0)
 QLORA = QuantizationOptions(quant_type="nf4", double_quant=True, compute_dtype="float32")
@@ -125,13 +125,7 @@ def test_qlora_update_reference_copies_the_adapter_without_merging(tiny_model_di
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     base = {k: v for k, v in snapshot(m.policy).items() if "lora_" not in k}
-    pairs = datamodule_pairs(6)
-    pol, ref_before = m.pair_logprobs(pairs)
-    assert not torch.allclose(pol, ref_before)
-    m.update_reference()
-    pol_after, ref_after = m.pair_logprobs(pairs)
-    torch.testing.assert_close(ref_after, pol, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pol_after, pol)
+    assert_reference_becomes_the_policy(m, datamodule_pairs(6))
     params = dict(m.policy.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)

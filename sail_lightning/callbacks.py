@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from sail_lightning.distributed import generation_context, pad_shard, synced_generation
+from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.labellers import Labeller, OracleLabeller
 from sail_lightning.objectives import Route
@@ -188,8 +189,7 @@ class PairGenerationCallback(L.Callback):
             prompts = [p.prompt for p in pairs]
             rc = oracle.score(prompts, [p.chosen for p in pairs])
             rr = oracle.score(prompts, [p.rejected for p in pairs])
-            agree = (rc > rr).float() + 0.5 * (rc == rr).float()
-            metrics["gen/label_agreement"] = float(agree.mean())
+            metrics["gen/label_agreement"] = win_rate(rc, rr)
             metrics["gen/true_reward_mean"] = float(torch.cat([rc, rr]).mean())
         return metrics
 

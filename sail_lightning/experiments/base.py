@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
 
@@ -165,9 +166,8 @@ def sample_offline_pairs(policy_dir: str, out_path: str, n: int, *, seed: int = 
     prompts = [r["prompt"] for r in rows]
     rc = task.score(prompts, [r["chosen"] for r in rows])
     rr = task.score(prompts, [r["rejected"] for r in rows])
-    agree = (rc > rr).float() + 0.5 * (rc == rr).float()
     return {"path": out_path, "pairs": len(rows), "prompts_drawn": drawn,
-            "label_agreement": float(agree.mean())}
+            "label_agreement": win_rate(rc, rr)}
 
 
 def read_pairs(path: str) -> list[dict[str, str]]:

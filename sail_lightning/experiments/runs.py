@@ -224,9 +224,8 @@ def round_stats(run_dir: str, task: SyntheticTask | None = None) -> list[dict]:
         xs = [r["prompt"] for r in rows]
         rc = task.score(xs, [r["chosen"] for r in rows])
         rr = task.score(xs, [r["rejected"] for r in rows])
-        agree = (rc > rr).float() + 0.5 * (rc == rr).float()
         out.append({"round": len(out), "pairs": len(rows),
-                    "label_agreement": float(agree.mean()), "chosen": float(rc.mean()),
+                    "label_agreement": win_rate(rc, rr), "chosen": float(rc.mean()),
                     "rejected": float(rr.mean())})
     return out
 

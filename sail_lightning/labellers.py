@@ -15,6 +15,7 @@ import abc
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -400,9 +401,11 @@ class PolicyLabeller(Labeller):
         _check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b)
         if self.tokenizer is None:
             raise ValueError("PolicyLabeller.label needs the policy's tokenizer to label text")
+        from sail_lightning.data.tokenize import encode_responses
+
         tok = self.tokenizer
-        eos = [tok.eos_token_id]
         prompt_ids = tok(list(prompts))["input_ids"]
-        a = [x + eos for x in tok(list(responses_a), add_special_tokens=False)["input_ids"]]
-        b = [x + eos for x in tok(list(responses_b), add_special_tokens=False)["input_ids"]]
+        # As the DataModule encodes responses, without a length limit.
+        a = encode_responses(tok, responses_a, sys.maxsize)
+        b = encode_responses(tok, responses_b, sys.maxsize)
         return self.label_ids(prompt_ids, a, b)

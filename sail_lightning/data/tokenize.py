@@ -36,59 +36,54 @@ class TokenizedPair:
                 "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus}
 
 
-def encode_prompt(tokenizer, record: PreferenceRecord, max_length: int) -> list[int]:
-    """Prompt ids, through the tokenizer's chat template when it has one.
+def encode_prompts(
+    tokenizer, records: Sequence[PreferenceRecord], max_length: int
+) -> list[list[int]]:
+    """Prompt ids, through the tokenizer's chat template when it has one, in one batched call
+    (one call per text costs seconds on thousands of pairs).
 
     Truncated from the left: the end of a dialogue, next to the response, matters most.
     """
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": role, "content": content} for role, content in record.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        texts = [tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in r.messages],
+            add_generation_prompt=True, tokenize=False) for r in records]
         # The template already holds any bos token: do not add it twice.
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     else:
-        ids = tokenizer(record.prompt)["input_ids"]
-    return ids[-max_length:]
+        ids = tokenizer([r.prompt for r in records])["input_ids"] if records else []
+    return [x[-max_length:] for x in ids]
+
+
+def encode_responses(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Response ids followed by eos, truncated from the right (a truncated one has no eos)."""
+    if not texts:
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        # Chat templates render assistant turns trimmed; raw HH keeps "Assistant: reply".
+        texts = [t.lstrip() for t in texts]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [(x + [tokenizer.eos_token_id])[:max_length] for x in ids]
+
+
+def encode_prompt(tokenizer, record: PreferenceRecord, max_length: int) -> list[int]:
+    """:func:`encode_prompts` of one record."""
+    return encode_prompts(tokenizer, [record], max_length)[0]
 
 
 def encode_response(tokenizer, text: str, max_length: int) -> list[int]:
-    """Response ids followed by eos, truncated from the right (a truncated one has no eos)."""
-    if getattr(tokenizer, "chat_template", None):
-        # Chat templates render assistant turns trimmed; raw HH keeps "Assistant: reply".
-        text = text.lstrip()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids[:max_length]
+    """:func:`encode_responses` of one text."""
+    return encode_responses(tokenizer, [text], max_length)[0]
 
 
 def tokenize_records(
     tokenizer, records: Sequence[PreferenceRecord], max_prompt_length: int, max_response_length: int
 ) -> list[TokenizedPair]:
-    """Tokenize every record; lengths are limits, so nothing is dropped here.
-
-    Same ids as :func:`encode_prompt` / :func:`encode_response`, in three batched tokenizer
-    calls: one call per text costs seconds on thousands of pairs.
-    """
-    if not records:
-        return []
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    if templated:
-        texts = [tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in r.messages],
-            add_generation_prompt=True, tokenize=False) for r in records]
-        prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        prompts = tokenizer([r.prompt for r in records])["input_ids"]
-    eos = [tokenizer.eos_token_id]
-
-    def responses(texts: list[str]) -> list[list[int]]:
-        texts = [t.lstrip() for t in texts] if templated else texts
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [(x + eos)[:max_response_length] for x in ids]
-
-    chosen = responses([r.chosen for r in records])
-    rejected = responses([r.rejected for r in records])
-    return [TokenizedPair(p[-max_prompt_length:], c, r)
-            for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    """Tokenize every record; lengths are limits, so nothing is dropped here."""
+    prompts = encode_prompts(tokenizer, records, max_prompt_length)
+    chosen = encode_responses(tokenizer, [r.chosen for r in records], max_response_length)
+    rejected = encode_responses(tokenizer, [r.rejected for r in records], max_response_length)
+    return [TokenizedPair(p, c, r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
 
 
 class PreferenceCollator:

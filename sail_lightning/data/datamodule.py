@@ -14,6 +14,7 @@ from sail_lightning.data.pool import OnlinePair, read_round, round_path, write_r
 from sail_lightning.data.records import (
     PreferenceRecord,
     ReadStats,
+    looks_like_path,
     read_preference_records,
     records_from_dicts,
 )
@@ -190,7 +191,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         for name, path in (("source", source), ("val_source", val_source)):
-            if path and _looks_local(path) and not os.path.exists(path):
+            if path and looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
                 raise FileNotFoundError(f"data.{name}: no such file or folder: {path}")
         self.save_hyperparameters()
         self.tokenizer = None
@@ -416,12 +417,6 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"data.source={self.hparams.source!r} with data.seed={self.hparams.seed} "
                 f"({len(self.train_pairs)} pairs, fingerprint {self.fingerprint})"
             )
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.endswith(
-        (".jsonl", ".gz", ".json", ".parquet")
-    )
 
 
 def _fingerprint(records: list[PreferenceRecord]) -> str:

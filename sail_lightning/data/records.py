@@ -267,6 +267,11 @@ def _iter_file(path: str) -> Iterator[_Item]:
             yield location, raw, error
 
 
+def looks_like_path(source: str) -> bool:
+    """Whether ``source`` names a local file (missing: an error) rather than a hub dataset."""
+    return source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES)
+
+
 def _iter_source(source: str, split: str) -> Iterator[_Item]:
     path = os.path.expanduser(source)
     if os.path.isdir(path):
@@ -277,7 +282,7 @@ def _iter_source(source: str, split: str) -> Iterator[_Item]:
             yield from _iter_file(os.path.join(path, name))
     elif os.path.exists(path):
         yield from _iter_file(path)
-    elif source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES):
+    elif looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such file or directory")
     else:
         import datasets

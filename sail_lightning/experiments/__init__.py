@@ -13,11 +13,11 @@ from sail_lightning.experiments.base import (
     train_reward_model,
 )
 from sail_lightning.experiments.compare import FULL, QUICK, Budget, compare
-from sail_lightning.experiments.report import bar_chart, markdown_table, mean_ci
+from sail_lightning.experiments.report import markdown_table, mean_ci
 from sail_lightning.experiments.runs import METHODS, SavePolicy, evaluate_policy, run_method
 
 __all__ = [
-    "FULL", "METHODS", "QUICK", "Budget", "SavePolicy", "bar_chart", "compare",
+    "FULL", "METHODS", "QUICK", "Budget", "SavePolicy", "compare",
     "evaluate_policy", "markdown_table", "mean_ci", "reward_model_agreement", "run_method",
     "sample_offline_pairs", "train_base_policy", "train_reward_model",
 ]

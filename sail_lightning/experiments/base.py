@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
+from sail_lightning.models import build_causal_lm
 from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
 
 # The quickstart's tiny model (configs/model/tiny.yaml): what every method then trains.
@@ -38,12 +39,7 @@ def _tokenizer(task: SyntheticTask):
 
 
 def _fresh_causal_lm(tok, seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(**tiny_llama_config(tok, **MODEL_SIZE)))
+    return build_causal_lm(None, tiny_llama_config(tok, **MODEL_SIZE), tok, init_seed=seed)
 
 
 def load_policy(path: str):

@@ -58,51 +58,12 @@ def markdown_table(summary: dict[str, dict], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(summary: dict[str, dict], labels: dict[str, str], path: str, *,
-              base_reward: float | None = None, title: str = "") -> str:
-    """Win rate and true reward per method, bars at the mean, error bars the 95% CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, ylabel in ((axes[0], "win_rate", "win rate vs base (ties half)"),
-                            (axes[1], "true_reward", "true reward r* (greedy)")):
-        means = [summary[n][key]["mean"] or 0.0 for n in names]
-        errs = [summary[n][key]["ci95"] or 0.0 for n in names]
-        ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#4c72b0")
-        ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=35,
-                      ha="right", fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].axhline(0.5, color="grey", ls="--", lw=1, label="= base")
-    axes[0].legend(fontsize=8)
-    if base_reward is not None:
-        axes[1].axhline(base_reward, color="grey", ls="--", lw=1, label="base policy")
-        axes[1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def save_charts(results: dict, path: str, *, title: str = "") -> list[str]:
-    """The comparison's PNGs: win rate at ``path`` and true reward beside it.
-
-    Uses ``sail_lightning.plots.comparison_chart`` (one metric per figure) where that module
-    exists, else ``bar_chart`` above (both metrics in one figure, at ``path``).
-    """
-    try:
-        from sail_lightning.plots import comparison_chart
-    except ImportError:
-        return [bar_chart(results["summary"], results["methods"], path,
-                          base_reward=results["setup"]["base"]["eval_true_reward"],
-                          title=title)]
+    """The comparison's PNGs (``plots.comparison_chart``): win rate at ``path``, true reward
+    beside it."""
     import matplotlib.pyplot as plt
+
+    from sail_lightning.plots import comparison_chart
 
     stem, ext = path.rsplit(".", 1)
     paths = [path, f"{stem}_true_reward.{ext}"]

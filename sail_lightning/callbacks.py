@@ -7,9 +7,13 @@ import os
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
-from sail_lightning.distributed import generation_context, pad_shard, synced_generation
+from sail_lightning.distributed import (
+    all_gather_objects,
+    generation_context,
+    pad_shard,
+    synced_generation,
+)
 from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.labellers import Labeller, OracleLabeller
@@ -127,7 +131,7 @@ class PairGenerationCallback(L.Callback):
         with generation_context(trainer):
             _, ref = pl_module.pair_logprobs([dm.train_pairs[i] for i in idx], policy=False,
                                              batch_size=self.score_batch_size)
-        parts = _all_gather([(idx[:real], ref[:real])], trainer.world_size)
+        parts = all_gather_objects([(idx[:real], ref[:real])], trainer.world_size)
         out = torch.empty(len(dm.train_pairs), 2)
         for ids, values in parts:
             out[ids] = values
@@ -157,7 +161,7 @@ class PairGenerationCallback(L.Callback):
                 progress=self.progress and trainer.is_global_zero,
                 score_batch_size=self.score_batch_size,
                 synced_gpus=synced_generation(trainer))
-        gathered = _all_gather([(pairs[:real], stats)], world)
+        gathered = all_gather_objects([(pairs[:real], stats)], world)
         pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p.prompt_index)
         path = dm.add_round(round_index, pairs, write=trainer.is_global_zero)
         if trainer.is_global_zero:
@@ -192,12 +196,3 @@ class PairGenerationCallback(L.Callback):
             metrics["gen/label_agreement"] = win_rate(rc, rr)
             metrics["gen/true_reward_mean"] = float(torch.cat([rc, rr]).mean())
         return metrics
-
-
-def _all_gather(obj: list, world_size: int) -> list:
-    """Python objects from every rank, in rank order (each rank holds the same list)."""
-    if world_size == 1 or not dist.is_available() or not dist.is_initialized():
-        return obj
-    out: list = [None] * world_size
-    dist.all_gather_object(out, obj[0])
-    return out

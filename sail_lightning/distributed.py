@@ -139,3 +139,13 @@ def pad_shard(items: list, rank: int, world: int) -> tuple[list, int]:
 def synced_generation(trainer) -> bool:
     """``synced_gpus`` for ``generate()``: ranks that finish early keep stepping."""
     return trainer.world_size > 1 and is_sharded(trainer) and torch.distributed.is_initialized()
+
+
+def all_gather_objects(obj: list, world_size: int) -> list:
+    """Python objects from every rank, in rank order (each rank holds the same list)."""
+    dist = torch.distributed
+    if world_size == 1 or not dist.is_available() or not dist.is_initialized():
+        return obj
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj[0])
+    return out

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from sail_lightning.models import QuantizationOptions, resolve_quantization
 from sail_lightning.synthetic import SyntheticTask
 
 log = logging.getLogger("sail_lightning.labellers")
@@ -168,16 +169,20 @@ class RewardModelLabeller(_ScoringLabeller):
         name_or_path: Hub name or local folder holding the model and its tokenizer.
         device: Its own device (``"cuda:1"``), which ``to()`` leaves; default: ``to()``'s.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
+        quantization: Load the linear layers in 4-bit (bitsandbytes, as the policy's
+            ``model.quantization``); the classifier head stays in float. The 4-bit storage
+            and default compute dtype is ``torch_dtype`` (default float32).
         batch_size: Sequences per forward pass.
         max_length: Longest input in tokens.
         progress: Show a tqdm bar over batches.
     """
 
     def __init__(self, name_or_path: str, *, device: str | None = None,
-                 torch_dtype: str | None = None, batch_size: int = 16, max_length: int = 1024,
-                 progress: bool = True) -> None:
+                 torch_dtype: str | None = None, quantization: QuantizationOptions | None = None,
+                 batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> None:
         if torch_dtype is not None and torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        self.quantization = resolve_quantization(quantization, "RewardModelLabeller.quantization")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, "
                              f"{max_length}")
@@ -189,6 +194,23 @@ class RewardModelLabeller(_ScoringLabeller):
         self.tokenizer: Any = None
         self._warned = False
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any, **kwargs: Any
+                   ) -> RewardModelLabeller:
+        """A labeller scoring with a model already in memory, on the device it is on.
+
+        The model is used as it is (train or eval mode, trainable or not): put it in eval
+        mode first. Its config gets the tokenizer's ``pad_token_id`` if it has none.
+
+        Args:
+            kwargs: ``batch_size``, ``max_length``, ``progress``.
+        """
+        labeller = cls(getattr(model, "name_or_path", None) or type(model).__name__,
+                       device=str(next(model.parameters()).device), **kwargs)
+        _check_reward_model(model, tokenizer, labeller.name_or_path)
+        labeller.model, labeller.tokenizer = model, tokenizer
+        return labeller
+
     def to(self, device: str | torch.device) -> RewardModelLabeller:
         if self.fixed_device is None:
             self.device = torch.device(device)
@@ -199,6 +221,7 @@ class RewardModelLabeller(_ScoringLabeller):
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
 
+        from sail_lightning.models import load_pretrained
         from sail_lightning.synthetic import build_tokenizer
 
         path = self.name_or_path
@@ -207,17 +230,12 @@ class RewardModelLabeller(_ScoringLabeller):
         try:
             tokenizer = build_tokenizer(path)
             dtype = _DTYPES.get(self.torch_dtype)
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+            # float_head: a head quantized to 4 bits would move every score; it is tiny.
+            model = load_pretrained(AutoModelForSequenceClassification, path, dtype,
+                                    self.quantization, float_head=True)
         except (OSError, ValueError) as e:
             raise OSError(f"reward model {path!r} could not be loaded: {e}") from e
-        if model.config.num_labels != 1:
-            raise ValueError(f"reward model {path!r} has num_labels={model.config.num_labels}; "
-                             "a reward model has one output")
-        # HF classifiers pool at the last token that is not pad_token_id; without it they
-        # refuse batches, so take the tokenizer's (build_tokenizer guarantees one).
-        config = model.config.get_text_config()
-        if config.pad_token_id is None:
-            config.pad_token_id = tokenizer.pad_token_id
+        _check_reward_model(model, tokenizer, path)
         model.requires_grad_(False)
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
@@ -280,6 +298,18 @@ class RewardModelLabeller(_ScoringLabeller):
         where = {k: i for i, k in enumerate(unique)}
         both = scores[[where[k] for k in keys]]
         return both[:n], both[n:]
+
+
+def _check_reward_model(model: torch.nn.Module, tokenizer: Any, name: str) -> None:
+    """Requires one output, and gives the model the tokenizer's pad id if it has none."""
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {name!r} has num_labels={model.config.num_labels}; "
+                         "a reward model has one output")
+    # HF classifiers pool at the last token that is not pad_token_id; without it they
+    # refuse batches, so take the tokenizer's (build_tokenizer guarantees one).
+    config = model.config.get_text_config()
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 class PairwiseRankerLabeller(Labeller):

@@ -31,7 +31,8 @@ class LoraOptions:
 
 @dataclass
 class QuantizationOptions:
-    """4-bit base weights (QLoRA, bitsandbytes) under trainable LoRA adapters.
+    """4-bit base weights (QLoRA, bitsandbytes) under trainable LoRA adapters; also the
+    reward model's 4-bit weights (``RewardModelLabeller(quantization=...)``, inference only).
 
     The storage dtype of the packed 4-bit weights is always the model's float dtype
     (``model.torch_dtype``, default float32): FSDP shards 4-bit and float weights together
@@ -52,34 +53,83 @@ class QuantizationOptions:
 _QUANT_TYPES = ("nf4", "fp4")
 
 
-def resolve_quantization(options: QuantizationOptions | dict | None) -> QuantizationOptions | None:
+def resolve_quantization(options: QuantizationOptions | dict | None,
+                         name: str = "model.quantization") -> QuantizationOptions | None:
     """Options from a dataclass or a dict (hparams saved by the CLI hold dicts), validated.
 
+    Args:
+        name: the option's name in messages (the labeller's differs from the policy's).
+
     Raises:
-        ValueError: naming the ``model.quantization`` field that is wrong.
+        ValueError: naming the ``name`` field that is wrong.
     """
     if options is None:
         return None
     if isinstance(options, dict):
+        if unknown := sorted(set(options) - set(QuantizationOptions.__dataclass_fields__)):
+            raise ValueError(f"{name}: unknown fields {unknown}; known: "
+                             f"{sorted(QuantizationOptions.__dataclass_fields__)}")
         options = QuantizationOptions(**options)
     if options.quant_type not in _QUANT_TYPES:
-        raise ValueError(f"model.quantization.quant_type must be one of {_QUANT_TYPES}, "
+        raise ValueError(f"{name}.quant_type must be one of {_QUANT_TYPES}, "
                          f"got {options.quant_type!r}")
     if options.compute_dtype is not None and options.compute_dtype not in _DTYPES:
-        raise ValueError(f"model.quantization.compute_dtype must be one of {sorted(_DTYPES)}, "
+        raise ValueError(f"{name}.compute_dtype must be one of {sorted(_DTYPES)}, "
                          f"got {options.compute_dtype!r}")
     return options
 
 
-def bnb_config(options: QuantizationOptions, dtype: torch.dtype | None):
-    """The transformers ``BitsAndBytesConfig`` of the options, for a model of ``dtype``."""
+def bnb_config(options: QuantizationOptions, dtype: torch.dtype | None,
+               keep_float: list[str] | None = None):
+    """The transformers ``BitsAndBytesConfig`` of the options, for a model of ``dtype``.
+
+    ``keep_float`` names the modules left unquantized; None keeps transformers' choice (the
+    output embeddings and the last module: a causal LM's ``lm_head``).
+    """
     from transformers import BitsAndBytesConfig
 
     storage = dtype or torch.float32
     compute = _DTYPES[options.compute_dtype] if options.compute_dtype else storage
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
                               bnb_4bit_use_double_quant=options.double_quant,
-                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage,
+                              llm_int8_skip_modules=keep_float)
+
+
+def head_modules(auto_class, name_or_path: str) -> list[str] | None:
+    """Names of the top-level modules outside the backbone (``base_model_prefix``): a
+    classifier's head (``score``; DeBERTa's ``pooler`` and ``classifier``), or None where
+    the model has no such backbone. Read from the config on the meta device: no weights.
+    """
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        model = auto_class.from_config(AutoConfig.from_pretrained(name_or_path))
+    children = [name for name, _ in model.named_children()]
+    if model.base_model_prefix not in children:
+        return None
+    return [name for name in children if name != model.base_model_prefix]
+
+
+def load_pretrained(auto_class, name_or_path: str, dtype: torch.dtype | None = None,
+                    quantization: QuantizationOptions | None = None, *,
+                    float_head: bool = False) -> nn.Module:
+    """``auto_class.from_pretrained``; with ``quantization`` its linear layers are 4-bit
+    ``bnb.nn.Linear4bit``. The one loading path of the policy, reference and reward model.
+
+    Args:
+        float_head: keep every module outside the backbone in float (see ``head_modules``).
+            transformers' own choice keeps only the last module: a Llama classifier's
+            ``score``, but not DeBERTa's ``pooler`` nor a head whose last weight is a bias.
+    """
+    if quantization is None:
+        return auto_class.from_pretrained(name_or_path, dtype=dtype)
+    # An explicit float dtype: "auto" could load bfloat16 weights beside float32 storage.
+    dtype = dtype or torch.float32
+    keep = head_modules(auto_class, name_or_path) if float_head else None
+    model = auto_class.from_pretrained(name_or_path, dtype=dtype,
+                                       quantization_config=bnb_config(quantization, dtype, keep))
+    return _no_cpu_inference_repack(model)
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -117,13 +167,7 @@ def build_causal_lm(
             torch.manual_seed(init_seed)
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         return model.to(dtype) if dtype is not None else model
-    if quantization is not None:
-        # An explicit float dtype: "auto" could load bfloat16 weights beside float32 storage.
-        dtype = dtype or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, quantization_config=bnb_config(quantization, dtype))
-        return _no_cpu_inference_repack(model)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    return load_pretrained(AutoModelForCausalLM, name_or_path, dtype, quantization)
 
 
 def _no_cpu_inference_repack(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
+from sail_lightning.labellers import RewardModelLabeller
 from sail_lightning.models import build_causal_lm
 from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
 
@@ -178,16 +179,9 @@ def _rm_ids(tok, prompt: str, response: str) -> list[int]:
 
 def reward_scores(model, tok, prompts: Sequence[str], responses: Sequence[str],
                   batch_size: int = 256) -> torch.Tensor:
-    """Scores of a reward model, encoded as ``RewardModelLabeller`` encodes them."""
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            rows = [torch.tensor(_rm_ids(tok, x, y)) for x, y in
-                    zip(prompts[s:s + batch_size], responses[s:s + batch_size], strict=True)]
-            ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id)
-            mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
-            out.append(model(input_ids=ids, attention_mask=mask).logits[:, 0].float())
-    return torch.cat(out)
+    """Scores of a reward model in memory, as ``RewardModelLabeller`` scores them."""
+    labeller = RewardModelLabeller.from_model(model, tok, batch_size=batch_size, progress=False)
+    return labeller.score(prompts, responses)
 
 
 def train_reward_model(pairs_path: str, out_dir: str, *, epochs: int = 4, batch_size: int = 64,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 
@@ -90,6 +91,45 @@ def shard_fsdp2(model: nn.Module, mesh) -> None:
         if type(module) in layers:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+class SAILModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) that resumes from lean checkpoints.
+
+    Lightning reads a distributed checkpoint (a folder) strictly whatever ``strict_loading``
+    says (Lightning issue #20274), so the frozen weights that ``SAILModule`` leaves out of
+    checkpoints fail the load; here only the saved weights are read. Both formats (folder,
+    or one file with ``save_distributed_checkpoint=False``) first go through
+    ``SAILModule.check_checkpoint``: under this strategy ``on_load_checkpoint`` gets no
+    weights, so it could neither require the trainable ones nor restore the reference flag.
+    """
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        if not path.is_dir():  # one file: Lightning loads it non-strictly already
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            module.check_checkpoint(saved["state_dict"].keys(), saved)
+            return super().load_checkpoint(path, weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        metadata = torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's name
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
+        module.check_checkpoint(saved, metadata)
+        weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        dcp.load({"state_dict": weights}, checkpoint_id=path)
+        self.model.load_state_dict(weights, strict=False)
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"])
+        return metadata  # what Lightning returns: everything but weights and optimizers
 
 
 def is_sharded(trainer) -> bool:

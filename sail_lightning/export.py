@@ -86,7 +86,9 @@ class ExportPolicyCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail before training, not after it: rank 0 alone cannot save sharded weights.
         name = type(trainer.strategy).__name__
-        if stage == "fit" and name in _SHARDED_STRATEGIES:
+        # Base classes too: the configs name subclasses (SAILFSDPStrategy and the FSDP2 one).
+        bases = {c.__name__ for c in type(trainer.strategy).__mro__}
+        if stage == "fit" and bases & set(_SHARDED_STRATEGIES):
             raise ValueError(f"ExportPolicyCallback does not gather weights sharded by {name}; "
                              "remove it and export from a checkpoint with "
                              "sail_lightning.export.export_policy")

@@ -304,28 +304,35 @@ class SAILModule(L.LightningModule):
         log.debug("checkpoint: %d frozen tensors left out, %d kept", len(dropped), len(state))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checks the saved weights (``check_checkpoint``); loading is otherwise non-strict."""
+        state = checkpoint.get("state_dict")
+        if state is None or self.policy is None:
+            # FSDP2: the strategy takes the weights out first, and SAILModelParallelStrategy
+            # has called check_checkpoint before loading them.
+            return
+        self.check_checkpoint(state.keys(), checkpoint)
+
+    def check_checkpoint(self, saved_keys, checkpoint: dict[str, Any]) -> None:
         """Restores the reference adapter if one was saved, then requires every key that
-        ``on_save_checkpoint`` would keep (loading is otherwise non-strict).
+        ``on_save_checkpoint`` would keep among ``saved_keys`` (the checkpoint's weights).
 
         Raises:
             RuntimeError: naming the keys that are missing and cannot be rebuilt.
         """
-        state = checkpoint.get("state_dict")
-        if state is None or self.policy is None:
-            return  # e.g. a sharded checkpoint that the strategy loads itself
+        saved = set(saved_keys)
         # Checkpoints from before the flag: a saved reference adapter says it all the same.
-        has_adapter = any(f".{_REF_ADAPTER}." in k for k in state if k.startswith("policy."))
+        has_adapter = any(f".{_REF_ADAPTER}." in k for k in saved if k.startswith("policy."))
         self._reference_updated = bool(checkpoint.get(_CKPT_REFERENCE_UPDATED, has_adapter))
         if self._reference_updated and self.hparams.lora is not None:
             self._add_reference_adapter()  # its weights come from the checkpoint
         trainable = self._trainable_keys()
         keys = self._state_keys()
-        missing = [k for k in keys if k not in state and not self._rebuildable(k, trainable)]
+        missing = [k for k in keys if k not in saved and not self._rebuildable(k, trainable)]
         if missing:
             raise RuntimeError(f"the checkpoint lacks {len(missing)} weight(s) that cannot be "
                                f"rebuilt from the model options: {missing[:20]}")
         # Non-strict loading would drop these silently (4-bit quantization state aside).
-        unexpected = [k for k in set(state) - set(keys) if ".weight." not in k]
+        unexpected = [k for k in saved - set(keys) if ".weight." not in k]
         if unexpected:
             rank_zero_warn(f"checkpoint weights that the model does not have, ignored: "
                            f"{sorted(unexpected)[:20]}")

@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import CONFIGS, REPO
 
 
-def run(tmp_path: Path, name: str, method: str, *args: str) -> dict:
+def run(tmp_path: Path, name: str, method: str, *args: str, callbacks: tuple = ()) -> dict:
     root = tmp_path / name
     cfg = {"trainer": {
         "default_root_dir": str(root), "max_epochs": 2, "limit_train_batches": 6,
@@ -20,7 +20,7 @@ def run(tmp_path: Path, name: str, method: str, *args: str) -> dict:
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                    "init_args": {"save_dir": str(root), "name": "csv"}},
         "callbacks": [{"class_path": "tests.helpers.DumpPool",
-                       "init_args": {"path": str(root / "pool")}}]}}
+                       "init_args": {"path": str(root / "pool")}}, *callbacks]}}
     if method != "dpo":
         cfg["trainer"]["callbacks"].insert(0, {
             "class_path": "sail_lightning.callbacks.PairGenerationCallback",

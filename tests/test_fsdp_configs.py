@@ -103,3 +103,15 @@ def test_fsdp_strategy_refuses_two_checkpointing_mechanisms():
     strategy = SAILFSDPStrategy(checkpoint_layers=True)
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         strategy._setup_model(Fake())
+
+
+@pytest.mark.parametrize("name", ["SAILFSDPStrategy", "SAILModelParallelStrategy"])
+def test_export_callback_refuses_the_sharding_subclasses(name):
+    import types
+
+    from sail_lightning import distributed
+    from sail_lightning.export import ExportPolicyCallback
+
+    strategy = getattr(distributed, name)()
+    with pytest.raises(ValueError, match=name):
+        ExportPolicyCallback().setup(types.SimpleNamespace(strategy=strategy), None, "fit")

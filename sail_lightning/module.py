@@ -85,7 +85,10 @@ class SAILModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
         scheduler: decay after warmup: ``cosine``, ``linear`` or ``constant_with_warmup``.
-        logprob_chunk_size: rows per log-softmax chunk (0 = all at once).
+        logprob_chunk_size: response tokens per chunk of the output layer, recomputed in
+            backward (0 = the model's full ``(N, T, V)`` logits). Bounds the logits' memory,
+            the largest tensors of a step at real vocabularies; refused (ValueError) for
+            models that change logits after their output layer. Tested on one process.
     """
 
     def __init__(

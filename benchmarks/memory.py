@@ -1,16 +1,23 @@
 """Peak CPU memory of one SAIL / DPO training step: LoRA, policy-only, QLoRA, full fine-tuning.
 
-A Llama of about 100M parameters (hidden 768, 8 layers, 12 heads, intermediate 2048, vocab
-32000, untied lm_head: 105.8M) is built from a config with a fixed seed and saved once in
-float32 with ``save_pretrained`` to a temporary folder; every variant loads those weights by
-path. The batch is fixed: 4 pairs x 256 tokens (128 prompt + 128 response tokens, no padding),
-token ids drawn uniformly from the 32000-token vocabulary with a fixed seed (random ids, not a
-tokenizer: the synthetic task's tokenizer has 17 tokens, and a real-size vocabulary is what
-sizes the lm_head and its logits). ``tokenizer="synthetic"`` is passed to ``SAILModule`` only
-because it needs one; with a model loaded by path it does not shape the model.
+A Llama of about 100M parameters (hidden 768, 12 layers, 12 heads, intermediate 2048, vocab
+32000, output layer tied to the input embeddings: 109.5M) is built from a config with a fixed
+seed and saved once in float32 with ``save_pretrained`` to a temporary folder; every variant
+loads those weights by path. Tied, because the embeddings are then 22% of the parameters, as
+in the models the library targets (Qwen2.5-0.5B: 27%, tied; Llama-3-8B: 13%, untied); an
+untied 32000 x 768 pair would be 46% (``--no-tie-embeddings --layers 8`` is that model).
+
+The batch is one pair of 192 prompt + 192 response tokens (``--pairs`` changes the count):
+per parameter, as many activations (tokens x hidden x layers) as the 8B QLoRA config's batch
+of 2 pairs x 1,024 tokens (0.065 vs 0.067). Token ids are drawn uniformly from the vocabulary
+with a fixed seed (random ids, not a tokenizer: the synthetic task's tokenizer has 17 tokens,
+and a real-size vocabulary is what sizes the output layer). ``tokenizer="synthetic"`` is
+passed to ``SAILModule`` only because it needs one.
 
 Variants (identical in everything but the variant; LoRA = ``LoraOptions()``, the defaults:
-r 16, alpha 32, dropout 0.05, all linear layers; weights float32):
+r 16, alpha 32, dropout 0.05, all linear layers; weights float32; every variant with gradient
+checkpointing and ``logprob_chunk_size=128``, as the QLoRA config runs, unless
+``--no-gradient-checkpointing`` / ``--logprob-chunk-size 0``):
 
 - ``lora_ref``: fp32 LoRA; the reference is the policy with its adapters disabled (a second,
   no-grad forward in the step).
@@ -18,7 +25,7 @@ r 16, alpha 32, dropout 0.05, all linear layers; weights float32):
   (``batch["ref_logps"]``, the cached-reference path): no reference forward.
 - ``qlora``: ``QuantizationOptions()`` (nf4, double quantization) + the same LoRA; 4-bit
   storage and compute dtype float32 (``torch_dtype="float32"``; bitsandbytes 0.50 trains
-  Linear4bit on CPU in float32).
+  Linear4bit on CPU in float32). peft's k-bit preparation keeps the embeddings in float32.
 - ``full``: full fine-tuning, ``SAILModule(model_name_or_path=path)``: the reference is a
   frozen deep copy of the policy.
 
@@ -32,24 +39,31 @@ same libraries (torch, transformers, peft, bitsandbytes, lightning, sail_lightni
 (``--launch exec``) a fresh Python interpreter each; with ``--quick`` (``--launch fork``) a
 child forked from a driver that has imported the libraries and allocated nothing else, which
 saves five imports (a smoke test under a minute). Memory is resident set size (RSS), in MiB
-(2**20 bytes), read from ``/proc/self/status``:
+(2**20 bytes), read from ``/proc/self/status``. Two steps make RSS count what the step holds:
 
-- ``rss_before_step``: VmRSS after the module, batch and optimizer are built. Loaded float32
-  weights may still be memory-mapped from the safetensors file and not yet read: they become
-  resident (file-backed RSS) during the step's forward, so they are in ``step_peak`` either
-  way.
+- glibc's mmap threshold is fixed at 1 MiB in every process (``_fixed_mmap_threshold``), so
+  freed activations go back to the OS instead of staying in its heap by amounts that differ
+  between variants (up to 1 GiB here without it);
+- after loading, every weight is copied into the process's own memory and the heap trimmed
+  (``_own_weights``): float weights loaded on CPU are otherwise memory-mapped from the file,
+  entering RSS only when first read, and a 4-bit load keeps the file's pages that it read to
+  quantize mapped.
+
+Measured:
+
+- ``rss_before_step``: VmRSS after the module, batch and optimizer are built (weights
+  resident).
 - the peak RSS (VmHWM) is reset (``echo 5 > /proc/self/clear_refs``) right before the step,
   and again between its phases: ``forward`` (``_forward``, i.e. policy and reference
   log-probs, + ``sail_loss``), ``backward``, ``optimizer`` (AdamW step + ``zero_grad``). Each
   phase's peak (``phase_peaks``) is the larger of VmHWM at its end (``phase_vmhwm``) and the
   maximum of VmRSS sampled every millisecond by a thread (the kernel updates VmHWM only at
-  some events, e.g. ``munmap``, so memory returned to glibc's heap can leave a peak
-  unrecorded); ``step_peak`` = their maximum = the highest RSS *during the step*. Model
-  loading's own transient peak (e.g. QLoRA reading float32 weights before quantizing) is
-  excluded and reported apart as ``load_peak``. ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-  (KB on Linux) reads the same, reset, high-water mark, so after the step it is the optimizer
-  phase's VmHWM; it is reported as a check. If the reset is not permitted, VmHWM is the
-  lifetime peak and ``peak_reset`` is false.
+  some events, e.g. ``munmap``); ``step_peak`` = their maximum = the highest RSS *during the
+  step*. Model loading's own transient peak (e.g. QLoRA reading float32 weights before
+  quantizing) is excluded and reported apart as ``load_peak``.
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` reads the same, reset, high-water mark; it
+  is reported as a check. If the reset is not permitted, VmHWM is the lifetime peak and
+  ``peak_reset`` is false.
 - ``step_increment`` = ``step_peak`` - ``rss_before_step``.
 - ``total`` = ``step_peak`` - the baseline process's RSS after its imports: model + step,
   without the libraries. The targets compare ``total``:
@@ -58,12 +72,9 @@ saves five imports (a smoke test under a minute). Memory is resident set size (R
 
 The last line of stdout is one JSON object. See benchmarks/README.md.
 
-    python benchmarks/memory.py            # ~100M model; a few minutes on 2 CPU cores
-    python benchmarks/memory.py --quick    # ~10M model, smoke test (< 60 s)
-    python benchmarks/memory.py --logprob-chunk-size 1 --gradient-checkpointing
-
-``--logprob-chunk-size``, ``--gradient-checkpointing`` and ``--lora-dropout`` apply to all four
-variants alike.
+    python benchmarks/memory.py            # ~110M model; about 2 minutes on 2 CPU cores
+    python benchmarks/memory.py --quick    # ~11M model, smoke test (< 60 s)
+    python benchmarks/memory.py --pairs 4 --no-gradient-checkpointing --logprob-chunk-size 0
 """
 
 from __future__ import annotations
@@ -87,11 +98,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 VARIANTS = ("lora_ref", "policy_only", "qlora", "full")
 TARGETS = {"ref_adapter_vs_policy_only": 1.15, "qlora_vs_lora_fp32": 0.5}
-MODEL = {"hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12,
-         "intermediate_size": 2048, "vocab_size": 32000}
+MODEL = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "intermediate_size": 2048, "vocab_size": 32000, "tie_word_embeddings": True}
 QUICK_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-               "intermediate_size": 688, "vocab_size": 16000}
-BATCH = {"pairs": 4, "prompt_tokens": 128, "response_tokens": 128}
+               "intermediate_size": 688, "vocab_size": 16000, "tie_word_embeddings": False}
+BATCH = {"pairs": 1, "prompt_tokens": 192, "response_tokens": 192}
 QUICK_BATCH = {"pairs": 2, "prompt_tokens": 32, "response_tokens": 32}
 SEED = 0
 MIB = 2**20
@@ -103,10 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="~10M-parameter model, 2 pairs x 64 tokens: a smoke test")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per variant")
-    p.add_argument("--logprob-chunk-size", type=int, default=0,
+    p.add_argument("--logprob-chunk-size", type=int, default=128,
                    help="SAILModule(logprob_chunk_size=...) for every variant (0: off)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="SAILModule(gradient_checkpointing=True) for every variant")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=True, help="SAILModule(gradient_checkpointing=...), every variant")
     p.add_argument("--lora-dropout", type=float, default=None,
                    help="LoraOptions(dropout=...) of the LoRA variants (default: LoraOptions' "
                         "0.05); dropout keeps a copy of each adapted layer's input")
@@ -114,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how each measurement gets its own process: exec = a fresh Python "
                         "interpreter (default); fork = a child forked from a driver that has "
                         "only imported the libraries (default with --quick: imports once)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: MODEL's)")
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="tie the output layer to the input embeddings (default: MODEL's)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: BATCH's)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of " + ",".join(VARIANTS))
     # Internal: one measurement in this (fresh) process; prints one JSON line.
@@ -128,6 +143,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads < 1 or args.logprob_chunk_size < 0:
         p.error("--threads must be >= 1 and --logprob-chunk-size >= 0")
     return args
+
+
+def model_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = dict(QUICK_MODEL if args.quick else MODEL)
+    if args.layers is not None:
+        sizes["num_hidden_layers"] = args.layers
+    if args.tie_embeddings is not None:
+        sizes["tie_word_embeddings"] = args.tie_embeddings
+    return sizes
+
+
+def batch_shape(args: argparse.Namespace) -> dict[str, int]:
+    shape = dict(QUICK_BATCH if args.quick else BATCH)
+    if args.pairs is not None:
+        shape["pairs"] = args.pairs
+    return shape
 
 
 # -- measurement (worker side) -----------------------------------------------------------------
@@ -244,7 +275,45 @@ def _module(variant: str, path: str, args: argparse.Namespace):
     return SAILModule(lora=lora, quantization=quant, **common)
 
 
+def _fixed_mmap_threshold(nbytes: int = 2**20) -> int | None:
+    """Makes glibc serve blocks >= ``nbytes`` with mmap, returned to the OS when freed.
+
+    By default glibc raises that threshold after each big free (up to 32 MiB); freed
+    activations then stay in its heap and in RSS, by amounts that differ from variant to
+    variant (measured here: up to 1 GiB for a step whose live tensors peak near 300 MiB).
+    With a fixed threshold RSS follows the memory the step really holds. Returns the
+    threshold, or None where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return nbytes if libc.mallopt(-3, nbytes) == 1 else None  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return None
+
+
+def _own_weights(module) -> None:
+    """Copies every weight into the process's own memory.
+
+    On CPU, float weights loaded from safetensors stay memory-mapped from the file: they
+    enter RSS only when the step first reads them. A 4-bit load keeps that mapping open (its
+    float embeddings point into it), so the file pages it read to quantize stay in RSS too.
+    A copy counts every variant's weights once, as resident memory, whatever the loader does.
+    """
+    import ctypes
+
+    for param in module.parameters():
+        param.data = param.data.clone()
+    gc.collect()
+    try:  # loading's freed blocks back to the OS (below the mmap threshold they stay)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    mmap_threshold = _fixed_mmap_threshold()
     _import_libraries()
     import torch
 
@@ -252,7 +321,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     after_imports = _rss_mib()
     if args.worker == "baseline":
         return {"variant": "baseline", "rss_after_imports": after_imports,
-                "peak": _peak_mib()}
+                "peak": _peak_mib(), "mmap_threshold": mmap_threshold}
 
     from sail_lightning.objectives import sail_loss
 
@@ -260,9 +329,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     module = _module(args.worker, args.model_dir, args)
     t0 = time.perf_counter()
     module.configure_model()
+    _own_weights(module)
     load_seconds = time.perf_counter() - t0
     vocab = module.policy.get_input_embeddings().weight.shape[0]
-    shape = QUICK_BATCH if args.quick else BATCH
+    shape = batch_shape(args)
     batch = _batch(vocab, shape, cached_reference=args.worker == "policy_only")
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=module.hparams.lr,
@@ -306,21 +376,20 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "step_seconds": step_seconds,
         "params": sum(p.numel() for p in module.policy.parameters()),
         "trainable_params": sum(p.numel() for p in trainable),
-        "reference_forward": "ref_logps" not in batch,
+        "reference_forward": "ref_logps" not in batch, "mmap_threshold": mmap_threshold,
     }
 
 
 # -- driver ------------------------------------------------------------------------------------
 
 
-def save_model(path: str, quick: bool) -> int:
+def save_model(path: str, args: argparse.Namespace) -> int:
     """The float32 Llama every variant loads; returns its parameter count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sizes = QUICK_MODEL if quick else MODEL
     config = AutoConfig.for_model(
-        "llama", **sizes, max_position_embeddings=512, tie_word_embeddings=False,
+        "llama", **model_sizes(args), max_position_embeddings=512,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
@@ -333,7 +402,13 @@ def run_subprocess(worker: str, path: str, args: argparse.Namespace) -> dict[str
            "--threads", str(args.threads), "--logprob-chunk-size", str(args.logprob_chunk_size)]
     if args.lora_dropout is not None:
         cmd += ["--lora-dropout", str(args.lora_dropout)]
-    cmd += ["--quick"] * args.quick + ["--gradient-checkpointing"] * args.gradient_checkpointing
+    for flag, value in (("--layers", args.layers), ("--pairs", args.pairs)):
+        cmd += [flag, str(value)] if value is not None else []
+    if args.tie_embeddings is not None:
+        cmd += ["--tie-embeddings" if args.tie_embeddings else "--no-tie-embeddings"]
+    cmd += ["--quick"] * args.quick
+    cmd += ["--gradient-checkpointing" if args.gradient_checkpointing
+            else "--no-gradient-checkpointing"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -346,7 +421,7 @@ def _forked_child(send, worker: str, path: str, args: argparse.Namespace) -> Non
 
     try:
         if worker == "save":
-            result: Any = save_model(path, args.quick)
+            result: Any = save_model(path, args)
         else:
             result = run_worker(argparse.Namespace(**{**vars(args), "worker": worker,
                                                       "model_dir": path}))
@@ -389,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(run_worker(args)))
         return {}
     variants = args.variants.split(",")
-    shape = QUICK_BATCH if args.quick else BATCH
+    shape = batch_shape(args)
     if args.launch == "fork":
         _import_libraries()  # once, here; nothing else is allocated before the forks
         import torch
@@ -399,8 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         measure = run_subprocess
     with tempfile.TemporaryDirectory(prefix="sail_memory_") as tmp:
-        params = run_forked("save", tmp, args) if args.launch == "fork" else save_model(
-            tmp, args.quick)
+        params = run_forked("save", tmp, args) if args.launch == "fork" else save_model(tmp, args)
         print(f"model: {params / 1e6:.1f}M parameters, float32, saved to {tmp}", flush=True)
         baseline = measure("baseline", tmp, args)
         print(f"baseline (imports only): RSS {baseline['rss_after_imports']:.0f} MiB",
@@ -442,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_seconds": {k: round(r["step_seconds"], 2) for k, r in results.items()},
         "trainable_params": {k: r["trainable_params"] for k, r in results.items()},
         "model_params": params,
-        "model": QUICK_MODEL if args.quick else MODEL,
+        "model": model_sizes(args),
         "batch": {**shape, "rows": 2 * shape["pairs"],
                   "seq_len": shape["prompt_tokens"] + shape["response_tokens"]},
         "logprob_chunk_size": args.logprob_chunk_size,

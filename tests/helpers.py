@@ -1,4 +1,5 @@
-"""Callbacks that tests put into CLI runs (importable as tests.helpers from the repo root)."""
+"""Callbacks that tests put into CLI runs (importable as tests.helpers from the repo root),
+and tensor comparisons that several test files share."""
 
 import hashlib
 import json
@@ -6,6 +7,7 @@ import os
 import signal
 
 import lightning as L
+import torch
 
 
 class KillAt(L.Callback):
@@ -40,3 +42,15 @@ class DumpPool(L.Callback):
             json.dump({"rounds": dm.rounds, "pool_sha1": digest, "pairs": len(pool),
                        "world_size": trainer.world_size, "losses": self.losses,
                        "lrs": self.lrs}, f)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Detached copies of a model's tensors, to compare before and after training."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

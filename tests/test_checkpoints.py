@@ -9,6 +9,7 @@ from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
 from tests.conftest import TINY_CONFIG, save_tiny_llama
+from tests.helpers import same_bits, snapshot
 
 LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
 
@@ -25,19 +26,8 @@ class Capture(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
-        self.policy = state(pl_module.policy)
-        self.reference = None if pl_module.reference is None else state(pl_module.reference)
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor)}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        self.policy = snapshot(pl_module.policy)
+        self.reference = None if pl_module.reference is None else snapshot(pl_module.reference)
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -68,8 +58,8 @@ def train_save_resume(make, tmp_path):
     trainer = fit(m, tmp_path)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved_policy = state(m.policy)
-    saved_ref = None if m.reference is None else state(m.reference)
+    saved_policy = snapshot(m.policy)
+    saved_ref = None if m.reference is None else snapshot(m.reference)
     cap = Capture()
     torch.manual_seed(1234)  # whatever the global generator holds, the rebuild is the same
     fit(make(), tmp_path, epochs=2, ckpt_path=ckpt, callbacks=[cap])
@@ -138,13 +128,13 @@ def test_an_updated_reference_is_kept_and_restored(tiny_model_dir, tmp_path, lor
     ref_keys = {k for k in keys if (".reference." in k if lora else k.startswith("reference."))}
     assert ref_keys
     restored = SAILModule.load_from_checkpoint(ckpt_path)
-    assert_same(state(restored.policy), state(m.policy))
+    assert_same(snapshot(restored.policy), snapshot(m.policy))
     if lora:
         assert restored._ref_adapter == "reference"
         params = dict(restored.policy.named_parameters())
         assert not any(p.requires_grad for n, p in params.items() if ".reference." in n)
     else:
-        assert_same(state(restored.reference), state(m.reference))
+        assert_same(snapshot(restored.reference), snapshot(m.reference))
     pairs = _pairs(4)
     torch.testing.assert_close(restored.pair_logprobs(pairs), m.pair_logprobs(pairs))
 

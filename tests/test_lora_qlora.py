@@ -12,6 +12,7 @@ from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
 from tests.conftest import TINY_CONFIG, assert_reference_becomes_the_policy
+from tests.helpers import same_bits, snapshot
 
 LORA = LoraOptions(r=4, alpha=8, dropout=0.0)
 QLORA = QuantizationOptions(quant_type="nf4", double_quant=True, compute_dtype="float32")
@@ -51,17 +52,6 @@ def load_base(path, quantized: bool):
                            bnb_4bit_quant_storage=torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 quantization_config=q).train()
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor)}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("quantized,checkpointing", [(False, False), (True, False), (True, True)],

@@ -380,25 +380,28 @@ class SAILModule(L.LightningModule):
         hp = self.hparams
         lp, ref = self._forward(batch)
         n = batch["route"].shape[0]
+        # The metrics (and their host syncs) only on the steps the logger writes.
+        log_now = self._logging_step()
         loss, metrics = sail_loss(
             lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], beta=hp.beta,
             coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
             response_term=hp.response_term, baseline=hp.baseline,
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=self._label_generator(batch_idx),
-            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now)
         if "bonus_mask" in batch and hp.bonus_alpha:
             bonus = exploration_bonus(lp[2 * n :], ref[2 * n :], alpha=hp.bonus_alpha,
                                       beta=hp.beta, form=hp.bonus_form)
             bonus = (bonus * batch["bonus_mask"].to(bonus.dtype)).sum() / n
             loss = loss + bonus
-            metrics["loss/bonus_term"] = bonus.detach()
+            if log_now:
+                metrics["loss/bonus_term"] = bonus.detach()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}. "
                 "model.response_term=released_code divides by log pi(y), which nears 0 as "
                 "responses shrink; lower model.lr or model.coef_*, or use score_function")
-        if self._logging_step():
+        if log_now:
             # Only on the steps the logger writes: each self.log costs about a millisecond,
             # most of a tiny model's step. Synced: under DDP the logged loss is the global
             # batch's, as with one process.
@@ -420,7 +423,7 @@ class SAILModule(L.LightningModule):
         lp_c, lp_r, ref_c, ref_r = self._logprobs(batch)
         loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full_like(batch["route"], Route.DPO),
                             beta=hp.beta, loss_type=hp.loss_type,
-                            label_smoothing=hp.label_smoothing)
+                            label_smoothing=hp.label_smoothing, metrics=False)
         metrics = preference_metrics(lp_c, lp_r, ref_c, ref_r, beta=hp.beta)
         n = batch["route"].shape[0]
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)

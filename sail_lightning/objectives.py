@@ -105,6 +105,7 @@ def sail_loss(
     generator: torch.Generator | None = None,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
 
@@ -142,9 +143,13 @@ def sail_loss(
         generator: CPU generator for the DP label draws (reproducibility).
         loss_type, label_smoothing: the DPO term's form (see :func:`dpo_loss`). The SAIL
             terms are derived for the sigmoid loss and always use ``ell``.
+        metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
+            route); training steps that do not log pass ``False``. The loss and its
+            gradient are the same either way.
 
     Returns:
-        ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them.
+        ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them
+        (an empty dict when ``metrics`` is false).
     """
     if response_term not in RESPONSE_TERMS:
         raise ValueError(f"response_term must be one of {RESPONSE_TERMS}, got {response_term!r}")
@@ -205,11 +210,23 @@ def sail_loss(
     dpo_term = base.mean()
     loss = dpo_term + label_term + response
 
+    if not metrics:
+        return loss, {}
+    with torch.no_grad():
+        return loss, _sail_metrics(lp_c, lp_r, rlp_c, rlp_r, route, flip, base, ell, c_label,
+                                   dpo_term, label_term, response, beta=beta)
+
+
+def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, route: Tensor,
+                  flip: Tensor, base: Tensor, ell: Tensor, c_label: Tensor, dpo_term: Tensor,
+                  label_term: Tensor, response: Tensor, *, beta: float) -> dict[str, Tensor]:
+    """:func:`sail_loss`'s metrics, from the pieces of its loss (all detached)."""
+    n = lp_c.shape[0]
     metrics = preference_metrics(lp_c, lp_r, rlp_c, rlp_r, beta=beta)
     metrics["loss/dpo_term"] = dpo_term.detach()
     metrics["loss/label_term"] = label_term.detach()
     metrics["loss/response_term"] = response.detach()
-    label_rows = (-0.5 * c_label * ell**2).detach()
+    label_rows = -0.5 * c_label * ell.detach() ** 2
     for r in Route:
         mask = route == r
         if bool(mask.any()):
@@ -218,9 +235,10 @@ def sail_loss(
             metrics[f"routes/{name}_fraction"] = mask.float().mean()
             if r in (Route.DP, Route.PP):
                 metrics[f"loss/label_{name}"] = label_rows[mask].sum() / n
+    is_dp = route == Route.DP
     if bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
-    return loss, metrics
+    return metrics
 
 
 def preference_metrics(

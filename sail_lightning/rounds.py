@@ -70,6 +70,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
 
     t1 = time.perf_counter()
     pairs: list[OnlinePair] = []
+    pair_texts: list[tuple[str, str]] = []  # each pair's chosen and rejected, decoded once
     label_names: list[str] = []
     scores: list[dict | None] = []
     if pair_mode in ("two_samples", "xpo"):
@@ -97,6 +98,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
             c, r = (0, 1) if a_pref[k] else (1, 0)
             bonus = samples[k][1] if pair_mode == "xpo" else None
             pairs.append(_pair(prompt_ids[k], samples[k][c], samples[k][r], bonus))
+            pair_texts.append((texts[k][c], texts[k][r]))
             label_names.append("a" if a_pref[k] else "b")
             scores.append(None if score_a is None or routes[k] != Route.PR else
                           _ordered(float(score_a[k]), float(score_b[k]), bool(a_pref[k])))
@@ -121,6 +123,10 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
             best, worst = int(torch.argmax(s)), int(torch.argmin(s))
             bonus = samples[k][0] if pair_mode == "selm" else None
             pairs.append(_pair(prompt_ids[k], cands[best], cands[worst], bonus))
+            # A policy sample's text is the one decoded above; a dataset response (selm) is
+            # decoded from its tokens, which may be truncated, not taken from its record.
+            pair_texts.append(tuple(texts[k][i] if i < len(texts[k]) else decode(tok, cands[i])
+                                    for i in (best, worst)))
             label_names.append(f"best={best},worst={worst}")
             scores.append({"chosen": float(s[best]), "rejected": float(s[worst])})
     label_seconds = time.perf_counter() - t1
@@ -132,8 +138,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
         p = replace(p, ref_chosen=float(ref[k, 0]), ref_rejected=float(ref[k, 1]),
                     ref_bonus=float(ref[k, 2]) if p.bonus_ids else None)
         out.append(OnlinePair(
-            prompt=prompts[k], chosen=decode(tok, p.chosen_ids),
-            rejected=decode(tok, p.rejected_ids),
+            prompt=prompts[k], chosen=pair_texts[k][0], rejected=pair_texts[k][1],
             pair=p, route=int(routes[k]), round=round_index, prompt_index=prompt_positions[k],
             seed=seed, label=label_names[k], scores=scores[k]))
     eos = tok.eos_token_id

@@ -129,3 +129,35 @@ def test_gradient_clipping_bounds_the_update():
 def test_bad_options_name_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         tiny_module(**kwargs)
+
+
+def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, tmp_path):
+    import sail_lightning.objectives as objectives
+    from sail_lightning.objectives import Route
+
+    calls = []
+    real = objectives.preference_metrics
+    monkeypatch.setattr(objectives, "preference_metrics",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = tiny_module(coef_dp=0.2, coef_pp=0.3, coef_pr=0.4, baseline="mean")
+    m.configure_model()
+    m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    logged = []
+    m.log = lambda name, value, **k: logged.append(name)
+    m.log_dict = lambda d, **k: logged.extend(d)
+    batch = batch_of(dm, 8)
+    batch["route"] = torch.tensor([Route.DPO, Route.DP, Route.PP, Route.PR] * 2)
+
+    def step(logging):
+        m._logging_step = lambda: logging
+        m.zero_grad()
+        loss = m.training_step(batch, 3)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.policy.parameters()]
+
+    loss_off, grads_off = step(False)
+    assert calls == [] and logged == []  # no metric computed on a step the logger skips
+    loss_on, grads_on = step(True)
+    assert calls == [1] and "train/loss/route_dp" in logged and "train/dp/flip_rate" in logged
+    assert torch.equal(loss_on, loss_off)  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off, strict=True))

@@ -233,3 +233,48 @@ def test_exploration_bonus_forms_and_equivalence():
     torch.testing.assert_close(g1, g2)
     with pytest.raises(ValueError, match="form"):
         exploration_bonus(policy, ref, alpha=1.0, beta=1.0, form="other")
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that sync with the host on an accelerator: a tensor read as a Python
+    scalar (``bool(t)``, ``.item()``) and boolean-mask indexing (a data-dependent shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default or func in (
+                torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default):
+            self.syncs += 1
+        elif func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form,baseline", [("score_function", "none"),
+                                           ("score_function", "mean"),
+                                           ("released_code", "none")])
+def test_metrics_off_gives_the_same_loss_and_gradient_without_their_syncs(form, baseline):
+    route = torch.tensor([Route.DPO, Route.DP, Route.PP, Route.PR] * 3)
+
+    def run(metrics, routes=route):
+        lp = random_logps(len(routes), seed=4)
+        with _SyncCounter() as counter:
+            loss, m = sail_loss(*lp, routes, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
+                                response_term=form, baseline=baseline, grad_accum=2,
+                                generator=torch.Generator().manual_seed(1), metrics=metrics)
+        loss.backward()
+        return loss, m, (lp[0].grad, lp[1].grad), counter.syncs
+
+    loss_on, m_on, grad_on, syncs_on = run(True)
+    loss_off, m_off, grad_off, syncs_off = run(False)
+    assert m_off == {} and "dp/flip_rate" in m_on
+    assert torch.equal(loss_on, loss_off)  # bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(grad_on, grad_off, strict=True))
+    # The metrics' syncs (per route present, the flip rate's) are gone; the loss's own remain:
+    # the DP-draw check, and the mean baseline's check and masked mean.
+    loss_syncs = 1 + 2 * (baseline == "mean")
+    assert syncs_off == loss_syncs and syncs_on >= syncs_off + 10
+    assert run(False, torch.full((4,), int(Route.DPO)))[3] == 1 + (baseline == "mean")

@@ -108,6 +108,13 @@ class PairGenerationCallback(L.Callback):
         if self.cache_reference and dm.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict) -> None:
+        # FSDP and FSDP2 restore after on_fit_start (restore_checkpoint_after_setup), which
+        # then saw no ckpt_path and cached the reference log-probs of the un-restored model:
+        # wrong once the reference was updated. on_train_start caches them again.
+        trainer.datamodule.offline_ref = None
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         next_epoch = trainer.current_epoch + 1
         if trainer.max_epochs not in (None, -1) and next_epoch >= trainer.max_epochs:

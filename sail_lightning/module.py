@@ -262,7 +262,10 @@ class SAILModule(L.LightningModule):
         with torch.no_grad():
             for name, p in params.items():
                 if ".default." in name:
-                    params[name.replace(".default.", f".{self._ref_adapter}.")].copy_(p)
+                    # FSDP2: the policy's adapter is sharded (DTensor); the reference adapter,
+                    # added after fully_shard, is a plain tensor that each rank holds whole.
+                    full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                    params[name.replace(".default.", f".{self._ref_adapter}.")].copy_(full)
         self._freeze_reference_adapter()
 
     def _add_reference_adapter(self) -> None:

@@ -4,6 +4,7 @@ restores the very same policy and reference."""
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions, QuantizationOptions
@@ -36,13 +37,13 @@ def assert_same(a: dict, b: dict) -> None:
     assert not different, different[:5]
 
 
-def fit(module, tmp_path, epochs=1, ckpt_path=None, callbacks=()):
+def fit(module, tmp_path, epochs=1, ckpt_path=None, callbacks=(), **trainer_kw):
     dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
                               max_prompt_length=16, max_response_length=16)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2,
                         limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=list(callbacks))
+                        default_root_dir=tmp_path, callbacks=list(callbacks), **trainer_kw)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
@@ -168,3 +169,45 @@ def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_mode
     with pytest.raises(RuntimeError, match="cannot be rebuilt"):
         fit(SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA), tmp_path, epochs=2,
             ckpt_path=path)
+
+
+class RestoreAfterSetup(SingleDeviceStrategy):
+    """Restores checkpoints after on_fit_start, as FSDPStrategy and ModelParallelStrategy do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+class CachedReference(L.Callback):
+    """The pool's cached reference log-probs of the first pairs as training (re)starts,
+    and the reference's own, computed then (after any restore)."""
+
+    def on_train_start(self, trainer, pl_module):
+        dm = trainer.datamodule
+        self.cached = dm.offline_ref[:8].clone()
+        _, self.reference = pl_module.pair_logprobs(dm.train_pairs[:8], policy=False)
+
+
+@pytest.mark.parametrize("strategy", [None, RestoreAfterSetup(torch.device("cpu"))],
+                         ids=["restore_before_setup", "restore_after_setup"])
+def test_resume_caches_the_restored_updated_reference(tiny_model_dir, tmp_path, strategy):
+    # A checkpoint saved after a reference update: on resume the cached reference log-probs
+    # must be the restored reference's, also where the checkpoint is restored after
+    # on_fit_start (which would otherwise cache those of the freshly built model).
+    from sail_lightning.callbacks import PairGenerationCallback
+
+    def make():
+        return SAILModule(model_name_or_path=str(tiny_model_dir), lr=1e-2, lora=LORA)
+
+    def generation():
+        return PairGenerationCallback(update_reference=True, progress=False)
+
+    kw = {"reload_dataloaders_every_n_epochs": 1}
+    trainer = fit(make(), tmp_path, epochs=2, callbacks=[generation()], **kw)  # update after 0
+    ckpt = tmp_path / "updated.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cap = CachedReference()
+    fit(make(), tmp_path, epochs=3, ckpt_path=ckpt, callbacks=[generation(), cap], **kw,
+        **({"strategy": strategy} if strategy else {}))
+    torch.testing.assert_close(cap.cached, cap.reference)

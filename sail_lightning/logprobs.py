@@ -80,7 +80,9 @@ def chunked_head_logprobs(
 
     def keep_hidden(_module, args):
         captured.append(args[0])
-        return (args[0][:, -1:], *args[1:])
+        # Contiguous: a strided (N, 1, H) slice sends matmul down a batched path that copies
+        # the output layer's weight N times (measured: 2 x 94 MiB for a bf16 32000 x 768).
+        return (args[0][:, -1:].contiguous(), *args[1:])
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
@@ -93,7 +95,7 @@ def chunked_head_logprobs(
         raise ValueError(f"logprob_chunk_size: the output layer of {type(model).__name__} got "
                          f"hidden states of shape {tuple(hidden.shape)}, not one per token "
                          f"{tuple(ids.shape)}; set logprob_chunk_size: 0")
-    _check_plain_head(model, head, hidden[:, -1:], last)
+    _check_plain_head(model, head, hidden[:, -1:].contiguous(), last)
     rows, cols = mask.nonzero(as_tuple=True)
     positions = hidden[:, :-1][rows, cols]  # (M, H): the states that predict response tokens
     labels = ids[:, 1:][rows, cols]

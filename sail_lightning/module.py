@@ -152,7 +152,7 @@ class SAILModule(L.LightningModule):
         policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype,
                                  hp.init_seed, quant)
         if quant is not None:
-            policy = prepare_quantized(policy, hp.gradient_checkpointing)
+            policy = prepare_quantized(policy, hp.gradient_checkpointing, dtype)
         elif hp.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if hp.ref_model_name_or_path:

@@ -321,3 +321,78 @@ def test_export_full_finetuning_to_the_default_folder(tmp_path):
     batch = a_batch()
     m.policy.eval()
     torch.testing.assert_close(logits(exported, batch), logits(m.policy, batch), rtol=0, atol=0)
+
+
+def bf16_qlora(path) -> SAILModule:
+    module = SAILModule(model_name_or_path=str(path), tokenizer="synthetic",
+                        torch_dtype="bfloat16", lora=LORA, quantization=QuantizationOptions())
+    module.configure_model()
+    return module
+
+
+def peft_prepared_bf16(path):
+    """The QLoRA recipe with peft's preparation alone (embeddings upcast to float32)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config).train()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qlora_bf16_keeps_the_embeddings_in_bf16(tmp_path, synthetic_tokenizer, tied):
+    # peft's k-bit preparation upcasts them to float32: twice their bf16 size, for a frozen
+    # layer whose values are bf16 values (Llama-3-8B: 4.2 GB instead of 2.1 GB).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sail_lightning.synthetic import tiny_llama_config
+
+    torch.manual_seed(0)
+    cfg = {**tiny_llama_config(synthetic_tokenizer, hidden_size=32), "tie_word_embeddings": tied}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(tmp_path)
+    policy = bf16_qlora(tmp_path).policy
+    embed, head = policy.get_input_embeddings(), policy.get_output_embeddings()
+    assert embed.weight.dtype == head.weight.dtype == torch.bfloat16
+    assert (embed.weight is head.weight) == tied  # casting kept the tie (one tensor)
+    dtypes = {name: p.dtype for name, p in policy.named_parameters()}
+    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}  # peft's upcast
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+
+
+def test_qlora_bf16_log_probs_match_peft_preparation_and_run_without_autocast(tiny_model_dir):
+    batch = a_batch()
+    ours, theirs = bf16_qlora(tiny_model_dir).policy, peft_prepared_bf16(tiny_model_dir)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = concatenated_logprobs(theirs, batch)
+        mixed, _ = concatenated_logprobs(ours, batch)
+        chunked, _ = concatenated_logprobs(ours, batch, chunk_size=5)
+    # bf16 embedding outputs instead of float32 ones with the same values: bf16 rounding only.
+    torch.testing.assert_close(mixed, expected, rtol=2e-2, atol=0.1)
+    torch.testing.assert_close(chunked, mixed, rtol=1e-2, atol=0.05)
+    # Without autocast (precision 32-true) the float32 hidden states meet a bf16 output layer,
+    # which casts its input (F.linear refuses mixed dtypes).
+    with torch.no_grad():
+        plain, _ = concatenated_logprobs(ours, batch)
+        plain_chunked, _ = concatenated_logprobs(ours, batch, chunk_size=5)
+    torch.testing.assert_close(plain, expected, rtol=2e-2, atol=0.1)
+    torch.testing.assert_close(plain_chunked, plain, rtol=1e-2, atol=0.05)
+
+
+def test_qlora_bf16_trains_the_adapters_under_bf16_mixed(tiny_model_dir, tmp_path):
+    module = SAILModule(model_name_or_path=tiny_model_dir, tokenizer="synthetic",
+                        torch_dtype="bfloat16", lora=LoraOptions(r=4, alpha=8, dropout=0.0),
+                        quantization=QuantizationOptions(), gradient_checkpointing=True,
+                        logprob_chunk_size=8, lr=1e-2)
+    module.configure_model()
+    before = snapshot(module.policy)
+    fit(module, tmp_path, steps=2, precision="bf16-mixed")
+    after = snapshot(module.policy)
+    changed = {n for n in before if not same_bits(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert any("lora_B" in n for n in changed)

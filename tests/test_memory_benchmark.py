@@ -11,7 +11,7 @@ import sys
 
 from tests.conftest import REPO
 
-VARIANTS = ("lora_ref", "policy_only", "qlora", "full")
+VARIANTS = ("lora_ref", "policy_only", "qlora", "qlora_fp32", "full")
 
 
 def test_memory_benchmark_quick_reports_every_variant():
@@ -31,4 +31,5 @@ def test_memory_benchmark_quick_reports_every_variant():
     trainable = result["trainable_params"]
     assert trainable["full"] == result["model_params"]
     assert 0 < trainable["lora_ref"] == trainable["policy_only"] == trainable["qlora"]
+    assert trainable["qlora"] == trainable["qlora_fp32"]
     assert trainable["lora_ref"] < result["model_params"]

@@ -23,6 +23,19 @@ from sail_lightning.rounds import PAIR_MODES, build_round
 log = logging.getLogger("sail_lightning.online")
 
 
+def check_reference_update(strategy, pl_module, update_reference: bool) -> None:
+    """Refuses a LoRA reference update under FSDP1 before any training: its adapter weights
+    are flat shards outside forward, so the copy into the reference adapter cannot work
+    (FSDP2's sharded tensors can be gathered; tested there)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    lora = getattr(pl_module, "hparams", {}).get("lora")
+    if update_reference and lora is not None and isinstance(strategy, FSDPStrategy):
+        raise ValueError("PairGenerationCallback.update_reference with model.lora is not "
+                         "supported under FSDPStrategy (FSDP1): use "
+                         "configs/strategy/fsdp2.yaml, or full fine-tuning (model.lora: null)")
+
+
 class PairGenerationCallback(L.Callback):
     """Refreshes the DataModule's online pairs from the policy being trained.
 
@@ -86,6 +99,7 @@ class PairGenerationCallback(L.Callback):
             raise ValueError(
                 "PairGenerationCallback needs trainer.reload_dataloaders_every_n_epochs=1 (got "
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
+        check_reference_update(trainer.strategy, pl_module, self.update_reference)
         root = trainer.log_dir or trainer.default_root_dir
         version = getattr(trainer.logger, "version", None) if trainer.logger else None
         if version is not None and not os.path.basename(os.path.normpath(root)).endswith(

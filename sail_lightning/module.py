@@ -259,13 +259,24 @@ class SAILModule(L.LightningModule):
             return
         self._add_reference_adapter()
         params = dict(self.policy.named_parameters())
+        copied = 0
         with torch.no_grad():
             for name, p in params.items():
                 if ".default." in name:
                     # FSDP2: the policy's adapter is sharded (DTensor); the reference adapter,
                     # added after fully_shard, is a plain tensor that each rank holds whole.
                     full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                    params[name.replace(".default.", f".{self._ref_adapter}.")].copy_(full)
+                    target = params[name.replace(".default.", f".{self._ref_adapter}.")]
+                    if full.shape != target.shape:  # copy_ would broadcast a shard silently
+                        raise RuntimeError(
+                            f"update_reference: {name} has shape {tuple(full.shape)}, its "
+                            f"reference copy {tuple(target.shape)}; a sharded (FSDP1) adapter "
+                            "cannot be copied: use configs/strategy/fsdp2.yaml")
+                    target.copy_(full)
+                    copied += 1
+        if not copied:  # e.g. flattened parameters: the reference would silently stay the base
+            raise RuntimeError("update_reference: no LoRA weight of the policy's 'default' "
+                               "adapter was found to copy into the reference")
         self._freeze_reference_adapter()
 
     def _add_reference_adapter(self) -> None:

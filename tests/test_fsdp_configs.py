@@ -115,3 +115,33 @@ def test_export_callback_refuses_the_sharding_subclasses(name):
     strategy = getattr(distributed, name)()
     with pytest.raises(ValueError, match=name):
         ExportPolicyCallback().setup(types.SimpleNamespace(strategy=strategy), None, "fit")
+
+
+def test_fsdp1_lora_reference_update_is_refused_before_training():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from sail_lightning.callbacks import check_reference_update
+    from sail_lightning.distributed import SAILFSDPStrategy
+    from sail_lightning.module import SAILModule
+
+    lora = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lora=LoraOptions(r=2))
+    full = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic")
+    with pytest.raises(ValueError, match="update_reference.*fsdp2.yaml"):
+        check_reference_update(SAILFSDPStrategy(), lora, update_reference=True)
+    check_reference_update(SAILFSDPStrategy(), lora, update_reference=False)
+    check_reference_update(SAILFSDPStrategy(), full, update_reference=True)
+    check_reference_update(ModelParallelStrategy(), lora, update_reference=True)
+
+
+def test_fsdp1_like_flat_adapter_shards_make_the_reference_update_fail_loudly():
+    # Outside forward, FSDP1 (use_orig_params) leaves each parameter a 1-D view of this
+    # rank's shard; copy_ would broadcast it into the reference adapter without a word.
+    from sail_lightning.module import SAILModule
+
+    module = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lora=LoraOptions(r=2))
+    module.configure_model()
+    name, param = next((n, p) for n, p in module.policy.named_parameters()
+                       if ".default." in n and "lora_B" in n)
+    param.data = param.data.flatten()[: param.shape[-1]].clone()  # broadcastable, wrong
+    with pytest.raises(RuntimeError, match="shape.*fsdp2.yaml"):
+        module.update_reference()

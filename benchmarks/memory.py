@@ -43,7 +43,7 @@ Each variant runs in its own process, and so does a baseline process that only i
 same libraries (torch, transformers, peft, bitsandbytes, lightning, sail_lightning): by default
 (``--launch exec``) a fresh Python interpreter each; with ``--quick`` (``--launch fork``) a
 child forked from a driver that has imported the libraries and allocated nothing else, which
-saves five imports (a smoke test under a minute). Memory is resident set size (RSS), in MiB
+saves six imports (a smoke test under a minute). Memory is resident set size (RSS), in MiB
 (2**20 bytes), read from ``/proc/self/status``. Two steps make RSS count what the step holds:
 
 - glibc's mmap threshold is fixed at 1 MiB in every process (``_fixed_mmap_threshold``), so

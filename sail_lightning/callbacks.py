@@ -114,20 +114,37 @@ class PairGenerationCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path:
             return  # the round is restored with the datamodule state, after this hook
+        if trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP and FSDP2 restore a checkpoint after this hook, and trainer.ckpt_path is
+            # unset until then: start in on_train_start, after any restore (which cancels
+            # it), not with the un-restored weights. Epoch 0's pairs are composed lazily, at
+            # its first batch, so round 0 is still in them.
+            self._start_pending = True
+            return
+        self._start(trainer, pl_module)
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._cache_offline(trainer, pl_module)
         self._round(trainer, pl_module, 0)
 
+    _start_pending = False
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start_pending:
+            self._start_pending = False
+            self._start(trainer, pl_module)
+            return
         dm = trainer.datamodule
         if self.cache_reference and dm.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict) -> None:
-        # FSDP and FSDP2 restore after on_fit_start (restore_checkpoint_after_setup), which
-        # then saw no ckpt_path and cached the reference log-probs of the un-restored model:
-        # wrong once the reference was updated. on_train_start caches them again.
+        # Restored: round 0 is not generated, and the reference log-probs are cached again in
+        # on_train_start, from the restored reference (an updated one differs from the
+        # initial model's).
         trainer.datamodule.offline_ref = None
+        self._start_pending = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         next_epoch = trainer.current_epoch + 1

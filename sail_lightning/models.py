@@ -197,7 +197,8 @@ def prepare_quantized(model: nn.Module, gradient_checkpointing: bool,
     the QLoRA authors' code does: they are frozen and their values were ``dtype`` values, so
     float32 only doubles the largest float weights (Llama-3-8B: 4.2 GB instead of 2.1 GB)
     while bf16-mixed runs the output layer in bf16 anyway. The norms stay in float32. The
-    output layer casts its input to its own dtype, for runs without autocast.
+    output layer casts its input to its own dtype, for runs without autocast (whose logits
+    are then in that dtype too).
 
     Note: with a bfloat16 / float16 model the norms leave float32 and half-precision weights
     side by side, which FSDP1 cannot flatten into one unit (untested here: no GPU).

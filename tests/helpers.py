@@ -8,6 +8,7 @@ import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 
 class KillAt(L.Callback):
@@ -54,3 +55,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Bytes, not values: packed 4-bit data stored as float32 can read as NaN (NaN != NaN).
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class RestoreAfterSetup(SingleDeviceStrategy):
+    """One CPU process that restores checkpoints after on_fit_start, as FSDPStrategy and
+    ModelParallelStrategy do (both refuse or need more than one CPU process)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True

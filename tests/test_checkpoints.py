@@ -4,13 +4,12 @@ restores the very same policy and reference."""
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
 from tests.conftest import TINY_CONFIG, save_tiny_llama
-from tests.helpers import same_bits, snapshot
+from tests.helpers import RestoreAfterSetup, same_bits, snapshot
 
 LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
 
@@ -171,14 +170,6 @@ def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_mode
             ckpt_path=path)
 
 
-class RestoreAfterSetup(SingleDeviceStrategy):
-    """Restores checkpoints after on_fit_start, as FSDPStrategy and ModelParallelStrategy do."""
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-
 class CachedReference(L.Callback):
     """The pool's cached reference log-probs of the first pairs as training (re)starts,
     and the reference's own, computed then (after any restore)."""
@@ -189,7 +180,7 @@ class CachedReference(L.Callback):
         _, self.reference = pl_module.pair_logprobs(dm.train_pairs[:8], policy=False)
 
 
-@pytest.mark.parametrize("strategy", [None, RestoreAfterSetup(torch.device("cpu"))],
+@pytest.mark.parametrize("strategy", [None, RestoreAfterSetup()],
                          ids=["restore_before_setup", "restore_after_setup"])
 def test_resume_caches_the_restored_updated_reference(tiny_model_dir, tmp_path, strategy):
     # A checkpoint saved after a reference update: on resume the cached reference log-probs

@@ -94,7 +94,7 @@ def test_chunked_output_layer_matches_full_logits_in_values_and_gradients(tie, c
 def test_chunked_output_layer_never_builds_logits_for_every_position(frozen_head):
     """The point of chunking: no (N, T, V) tensor in forward or backward, only chunks. Nor an
     (N, H, V) one: given a strided (N, 1, H) slice, matmul batches a frozen (LoRA) output
-    layer's weight N times, which bf16 CPU kernels then copy (2 x 94 MiB, measured)."""
+    layer's weight N times, which bf16 CPU kernels then copy (94 MiB per forward, measured)."""
     model, batch = _tiny_lm(), _padded_batch(length=40)
     model.get_output_embeddings().requires_grad_(not frozen_head)
     n, t = batch["input_ids"].shape

@@ -1,6 +1,7 @@
 """The online loop: rounds, labels, the pool, cached reference log-probs, reference updates."""
 
 import json
+import os
 
 import lightning as L
 import pytest
@@ -231,3 +232,35 @@ def test_round_decodes_each_sample_once_and_records_its_pair_texts(pair_mode, mo
         picked = sum(int(x.split("=")[1]) >= 1 for p in out for x in p.label.split(","))
         assert picked < 2 * n  # some picks are the sample: the old code decoded 3 per prompt
     assert len(decoded) == stats["generated"] + picked
+
+
+def test_restore_after_setup_generates_round_zero_once_and_not_on_resume(tmp_path):
+    # FSDP / FSDP2 restore checkpoints after on_fit_start, where trainer.ckpt_path is still
+    # unset: round 0 must wait for the first train_dataloader() and be skipped on a resume,
+    # or a resume regenerates (and rewrites) it with the un-restored weights.
+    from tests.helpers import RestoreAfterSetup
+
+    def run(epochs, ckpt_path=None):
+        calls = []
+        cb = PairGenerationCallback(sampling=SAMPLING, progress=False)
+        real = cb._round
+        cb._round = lambda trainer, pl_module, index: calls.append(index) or real(
+            trainer, pl_module, index)
+        dm = datamodule(mix_pr=0.3, pool_dir=str(tmp_path / "pool"))
+        trainer = L.Trainer(accelerator="cpu", strategy=RestoreAfterSetup(), max_epochs=epochs,
+                            limit_train_batches=3, limit_val_batches=0,
+                            reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[cb])
+        trainer.fit(module(coef_pr=0.3), datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, dm, calls
+
+    trainer, dm, calls = run(2)
+    assert calls == [0, 1] and [r["round"] for r in dm.rounds] == [0, 1]
+    ckpt = tmp_path / "after_two_epochs.ckpt"
+    trainer.save_checkpoint(ckpt)
+    files = {r["path"]: os.stat(r["path"]).st_mtime_ns for r in dm.rounds}
+    _, resumed, calls = run(3, ckpt_path=ckpt)
+    assert calls == []  # nothing generated: epoch 2 trains on the restored round 1
+    assert resumed.rounds == dm.rounds
+    assert {path: os.stat(path).st_mtime_ns for path in files} == files  # none rewritten

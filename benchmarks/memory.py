@@ -35,7 +35,7 @@ unless ``--no-gradient-checkpointing`` / ``--logprob-chunk-size 0``):
   frozen deep copy of the policy.
 
 The step is the real training path without a ``lightning.Trainer`` (same for every variant):
-``module.configure_model()``, then ``SAILModule._forward`` + ``sail_loss`` (sigmoid DPO,
+``module.configure_model()``, then ``SAILModule._logprobs`` + ``sail_loss`` (sigmoid DPO,
 beta 0.1) + ``backward`` + one ``torch.optim.AdamW`` step over the trainable parameters (as
 ``configure_optimizers`` builds it; the LR scheduler holds no tensors) + ``zero_grad``.
 
@@ -59,7 +59,7 @@ Measured:
 - ``rss_before_step``: VmRSS after the module, batch and optimizer are built (weights
   resident).
 - the peak RSS (VmHWM) is reset (``echo 5 > /proc/self/clear_refs``) right before the step,
-  and again between its phases: ``forward`` (``_forward``, i.e. policy and reference
+  and again between its phases: ``forward`` (``_logprobs``, i.e. policy and reference
   log-probs, + ``sail_loss``), ``backward``, ``optimizer`` (AdamW step + ``zero_grad``). Each
   phase's peak (``phase_peaks``) is the larger of VmHWM at its end (``phase_vmhwm``) and the
   maximum of VmRSS sampled every millisecond by a thread (the kernel updates VmHWM only at
@@ -143,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("baseline", *VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.launch is None:
         args.launch = "fork" if args.quick else "exec"
     bad = set(args.variants.split(",")) - set(VARIANTS)
@@ -248,25 +249,22 @@ def _import_libraries() -> None:
 
 
 def _batch(vocab: int, shape: dict[str, int], cached_reference: bool) -> dict[str, Any]:
+    """Random token ids in the training batch layout (``PreferenceCollator``): one shared
+    prompt per pair; with ``cached_reference`` constant reference log-probs, as cached once
+    per pool (their values do not change the memory)."""
     import torch
 
+    from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
     from sail_lightning.objectives import Route
 
     b, tp, tr = shape["pairs"], shape["prompt_tokens"], shape["response_tokens"]
     g = torch.Generator().manual_seed(SEED)
-    # Rows [:b] chosen, [b:] rejected, one shared prompt per pair (as PreferenceCollator).
-    prompts = torch.randint(3, vocab, (b, tp), generator=g)
-    responses = torch.randint(3, vocab, (2 * b, tr), generator=g)
-    input_ids = torch.cat([prompts.repeat(2, 1), responses], dim=1)
-    response_mask = torch.cat([torch.zeros(2 * b, tp, dtype=torch.long),
-                               torch.ones(2 * b, tr, dtype=torch.long)], dim=1)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-             "response_mask": response_mask,
-             "route": torch.full((b,), int(Route.DPO), dtype=torch.long)}
-    if cached_reference:
-        # Constants, as cached once per pool; their values do not change the memory.
-        batch["ref_logps"] = -float(tr) * math.log(vocab) * torch.ones(2 * b)
-    return batch
+    prompts = torch.randint(3, vocab, (b, tp), generator=g).tolist()
+    responses = torch.randint(3, vocab, (2 * b, tr), generator=g).tolist()
+    ref = -float(tr) * math.log(vocab) if cached_reference else None
+    pairs = [TokenizedPair(prompts[i], responses[i], responses[b + i], ref, ref)
+             for i in range(b)]
+    return PreferenceCollator(0)([p.example(Route.DPO) for p in pairs])
 
 
 def _module(variant: str, path: str, args: argparse.Namespace):
@@ -364,9 +362,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         sampler.take()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST.get(args.worker, False)):
-            lp, ref = module._forward(batch)
-            n = batch["route"].shape[0]
-            loss, _ = sail_loss(lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"],
+            loss, _ = sail_loss(*module._logprobs(batch), batch["route"],
                                 beta=module.hparams.beta)
         reset = phase_end("forward") and reset
         loss.backward()
@@ -409,17 +405,9 @@ def save_model(path: str, args: argparse.Namespace) -> int:
 
 
 def run_subprocess(worker: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--model-dir", path,
-           "--threads", str(args.threads), "--logprob-chunk-size", str(args.logprob_chunk_size)]
-    if args.lora_dropout is not None:
-        cmd += ["--lora-dropout", str(args.lora_dropout)]
-    for flag, value in (("--layers", args.layers), ("--pairs", args.pairs)):
-        cmd += [flag, str(value)] if value is not None else []
-    if args.tie_embeddings is not None:
-        cmd += ["--tie-embeddings" if args.tie_embeddings else "--no-tie-embeddings"]
-    cmd += ["--quick"] * args.quick
-    cmd += ["--gradient-checkpointing" if args.gradient_checkpointing
-            else "--no-gradient-checkpointing"]
+    # The driver's own flags, so every option reaches the workers (they ignore the driver's).
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--worker", worker,
+           "--model-dir", path]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -470,6 +458,8 @@ def versions() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from sail_lightning.models import LoraOptions
+
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))
@@ -538,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "autocast_bf16": sorted(v for v in results if AUTOCAST.get(v, False)),
         "logprob_chunk_size": args.logprob_chunk_size,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "lora_dropout": 0.05 if args.lora_dropout is None else args.lora_dropout,
+        "lora_dropout": LoraOptions().dropout if args.lora_dropout is None else args.lora_dropout,
         "threads": args.threads,
         "launch": args.launch,
         "quick": args.quick,

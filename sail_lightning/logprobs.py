@@ -79,11 +79,11 @@ def chunked_head_logprobs(
     captured: list[Tensor] = []
 
     def keep_hidden(_module, args):
-        captured.append(args[0])
         # Contiguous: a strided (N, 1, H) slice sends matmul down a batched path that copies
-        # the output layer's weight N times (measured: 94 MiB per forward, N = 2 copies of a bf16
-        # 32000 x 768 weight).
-        return (args[0][:, -1:].contiguous(), *args[1:])
+        # the output layer's weight N times (measured: 94 MiB per forward, N = 2 copies of a
+        # bf16 32000 x 768 weight).
+        captured[:] = [args[0], args[0][:, -1:].contiguous()]
+        return (captured[1], *args[1:])
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
@@ -91,12 +91,12 @@ def chunked_head_logprobs(
                      use_cache=False).logits
     finally:
         handle.remove()
-    hidden = captured[0]
+    hidden, hidden_last = captured
     if hidden.shape[:2] != ids.shape:
         raise ValueError(f"logprob_chunk_size: the output layer of {type(model).__name__} got "
                          f"hidden states of shape {tuple(hidden.shape)}, not one per token "
                          f"{tuple(ids.shape)}; set logprob_chunk_size: 0")
-    _check_plain_head(model, head, hidden[:, -1:].contiguous(), last)
+    _check_plain_head(model, head, hidden_last, last)
     rows, cols = mask.nonzero(as_tuple=True)
     positions = hidden[:, :-1][rows, cols]  # (M, H): the states that predict response tokens
     labels = ids[:, 1:][rows, cols]

@@ -246,6 +246,4 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen copy in eval mode: the reference of full fine-tuning."""
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
+    return freeze(copy.deepcopy(model))

@@ -162,8 +162,7 @@ class SAILModule(L.LightningModule):
         elif hp.lora is None:
             self.reference = frozen_copy(policy)
         if hp.lora is not None:
-            lora = hp.lora if isinstance(hp.lora, LoraOptions) else LoraOptions(**hp.lora)
-            policy = add_lora(policy, lora)
+            policy = add_lora(policy, LoraOptions(**hp.lora))  # saved as a dict (__init__)
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without
         # this, dropout would stay off while training.
         policy.train()

@@ -152,6 +152,14 @@ class _ScoringLabeller(Labeller):
         return Labels(scores_a >= scores_b, scores_a, scores_b)
 
 
+def prompt_response_ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
+    """A reward model's input without a chat template: the prompt's ids (with any bos), then
+    the response's. Also how ``experiments`` trains its reward model, so training and
+    scoring see the same input."""
+    return (tokenizer(prompt)["input_ids"]
+            + tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
 class RewardModelLabeller(_ScoringLabeller):
     """A reward model (sequence classifier, one label); the higher score is chosen.
 
@@ -249,7 +257,7 @@ class RewardModelLabeller(_ScoringLabeller):
             # The rendered text already holds any bos token: do not add it twice.
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+            ids = prompt_response_ids(tok, prompt, response)
         return ids[-self.max_length :]
 
     @torch.no_grad()

@@ -11,20 +11,13 @@ import csv
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-_display = sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-if not (_display or os.environ.get("MPLBACKEND") or "matplotlib.pyplot" in sys.modules):
-    matplotlib.use("Agg")  # headless: no GUI backend to look for
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt  # headless, it falls back to Agg by itself
+import numpy as np
+from matplotlib.figure import Figure
 
 PathLike = str | os.PathLike
 SavePath = PathLike | bool | None

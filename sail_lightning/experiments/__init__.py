@@ -14,10 +14,10 @@ from sail_lightning.experiments.base import (
 )
 from sail_lightning.experiments.compare import FULL, QUICK, Budget, compare
 from sail_lightning.experiments.report import markdown_table, mean_ci
-from sail_lightning.experiments.runs import METHODS, SavePolicy, evaluate_policy, run_method
+from sail_lightning.experiments.runs import METHODS, evaluate_policy, run_method
 
 __all__ = [
-    "FULL", "METHODS", "QUICK", "Budget", "SavePolicy", "compare",
+    "FULL", "METHODS", "QUICK", "Budget", "compare",
     "evaluate_policy", "markdown_table", "mean_ci", "reward_model_agreement", "run_method",
     "sample_offline_pairs", "train_base_policy", "train_reward_model",
 ]

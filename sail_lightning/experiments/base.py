@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from sail_lightning.data.tokenize import encode_responses
 from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import RewardModelLabeller
+from sail_lightning.labellers import RewardModelLabeller, prompt_response_ids
 from sail_lightning.models import build_causal_lm
 from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
 
@@ -118,9 +120,9 @@ def train_base_policy(out_dir: str, *, steps: int = 400, batch_size: int = 64,
 def _sft_batch(tok, prompts: Sequence[str], targets: Sequence[str]):
     """Right-padded ``prompt + response + eos`` ids, labels only on the response and eos."""
     rows, labels = [], []
-    for p, y in zip(prompts, targets, strict=True):
+    responses = encode_responses(tok, targets, sys.maxsize)  # no truncation
+    for p, y_ids in zip(prompts, responses, strict=True):
         p_ids = tok(p)["input_ids"]
-        y_ids = tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(torch.tensor(p_ids + y_ids))
         labels.append(torch.tensor([-100] * len(p_ids) + y_ids))
     return (pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id),
@@ -172,18 +174,6 @@ def read_pairs(path: str) -> list[dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _rm_ids(tok, prompt: str, response: str) -> list[int]:
-    # As RewardModelLabeller._encode (no chat template): prompt ids, then the response's.
-    return tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
-
-
-def reward_scores(model, tok, prompts: Sequence[str], responses: Sequence[str],
-                  batch_size: int = 256) -> torch.Tensor:
-    """Scores of a reward model in memory, as ``RewardModelLabeller`` scores them."""
-    labeller = RewardModelLabeller.from_model(model, tok, batch_size=batch_size, progress=False)
-    return labeller.score(prompts, responses)
-
-
 def train_reward_model(pairs_path: str, out_dir: str, *, epochs: int = 4, batch_size: int = 64,
                        lr: float = 2e-3, seed: int = 0, task: SyntheticTask | None = None
                        ) -> dict:
@@ -216,7 +206,8 @@ def train_reward_model(pairs_path: str, out_dir: str, *, epochs: int = 4, batch_
             batch = [rows[i] for i in order[s:s + batch_size]]
             xs = [r["prompt"] for r in batch] * 2
             ys = [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
-            seqs = [torch.tensor(_rm_ids(tok, x, y)) for x, y in zip(xs, ys, strict=True)]
+            seqs = [torch.tensor(prompt_response_ids(tok, x, y))
+                    for x, y in zip(xs, ys, strict=True)]
             ids = pad_sequence(seqs, batch_first=True, padding_value=tok.pad_token_id)
             mask = pad_sequence([torch.ones_like(r) for r in seqs], batch_first=True)
             r = model(input_ids=ids, attention_mask=mask).logits[:, 0]
@@ -244,14 +235,11 @@ def reward_model_agreement(rm_dir: str, pairs: Sequence[dict[str, str]],
         ``{"vs_labels"}``: agreement with the oracle's (sampled) chosen/rejected labels, and
         ``{"vs_true_reward"}``: with the true reward's order on pairs whose rewards differ.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     task = task or SyntheticTask()
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    tok = AutoTokenizer.from_pretrained(rm_dir)
+    rm = RewardModelLabeller(rm_dir, batch_size=256, progress=False)
     xs = [p["prompt"] for p in pairs]
-    sc = reward_scores(model, tok, xs, [p["chosen"] for p in pairs])
-    sr = reward_scores(model, tok, xs, [p["rejected"] for p in pairs])
+    sc = rm.score(xs, [p["chosen"] for p in pairs])
+    sr = rm.score(xs, [p["rejected"] for p in pairs])
     tc = task.score(xs, [p["chosen"] for p in pairs])
     tr = task.score(xs, [p["rejected"] for p in pairs])
     differ = tc != tr

@@ -4,7 +4,8 @@ Every run is ``sail_lightning.cli.main(["fit", "-c", "configs/quickstart.yaml", 
 "configs/method/<m>.yaml", "-c", <overlay>, ...])``. The overlay, generated per run and kept
 beside its logs, replaces the trainer's callback list: the ``PairGenerationCallback`` of the
 method's config (its ``init_args`` copied) with the learned reward model as labeller, plus
-``SavePolicy``, which writes the final policy with ``save_pretrained`` for evaluation. The
+``export.ExportPolicyCallback``, which writes the final policy with ``save_pretrained`` for
+evaluation. The
 quickstart's ``EvaluationCallback`` is left out (the comparison evaluates once, at the end,
 with the true reward), and so is validation.
 """
@@ -12,7 +13,6 @@ with the true reward), and so is validation.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import shutil
@@ -20,12 +20,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 import yaml
 
 from sail_lightning.evaluation import win_rate
-from sail_lightning.experiments.base import greedy_reward, load_policy
+from sail_lightning.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,22 +58,6 @@ METHODS: dict[str, Method] = {
     "selm": Method("selm", "SELM"),
     "xpo": Method("xpo", "XPO"),
 }
-
-
-class SavePolicy(L.Callback):
-    """Saves the trained policy (``save_pretrained``) when fit ends.
-
-    Args:
-        path: folder to write the policy to.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            pl_module.policy.save_pretrained(self.path)
-            trainer.datamodule.tokenizer.save_pretrained(self.path)
 
 
 def _method_yaml(config: str) -> dict:
@@ -114,8 +97,8 @@ def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str
                                 "init_args": {"name_or_path": rm_dir, "progress": False,
                                               "batch_size": 256}}
         callbacks.append({"class_path": _CALLBACK, "init_args": init})
-    callbacks.append({"class_path": "sail_lightning.experiments.runs.SavePolicy",
-                      "init_args": {"path": policy_out}})
+    callbacks.append({"class_path": "sail_lightning.export.ExportPolicyCallback",
+                      "init_args": {"dirpath": policy_out}})
     overlay = {
         "seed_everything": seed,
         "trainer": {
@@ -217,8 +200,7 @@ def round_stats(run_dir: str, task: SyntheticTask | None = None) -> list[dict]:
     last = max(versions, key=lambda v: int(v.rsplit("_", 1)[1]))
     out = []
     for path in sorted(glob.glob(os.path.join(last, "rounds", "round_*.jsonl"))):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_pairs(path)
         if not rows:
             continue
         xs = [r["prompt"] for r in rows]

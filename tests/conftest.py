@@ -29,15 +29,17 @@ def synthetic_tokenizer():
     return build_tokenizer("synthetic")
 
 
-def save_tiny_llama(path, tokenizer, *, hidden_size: int, seed: int):
-    """A tiny Llama and its tokenizer saved to `path`: loaded back by path, as a hub name is."""
+def save_tiny_llama(path, tokenizer, *, hidden_size: int, seed: int, **config):
+    """A tiny Llama and its tokenizer saved to `path`: loaded back by path, as a hub name is.
+    ``config`` overrides the config's fields (e.g. ``tie_word_embeddings``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sail_lightning.synthetic import tiny_llama_config
 
     torch.manual_seed(seed)
-    cfg = tiny_llama_config(tokenizer, hidden_size=hidden_size, num_hidden_layers=2)
+    cfg = {**tiny_llama_config(tokenizer, hidden_size=hidden_size, num_hidden_layers=2),
+           **config}
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -59,3 +61,13 @@ def assert_reference_becomes_the_policy(module, pairs):
 def tiny_model_dir(tmp_path_factory, synthetic_tokenizer):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), synthetic_tokenizer,
                            hidden_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def one_process_dpo(tmp_path_factory):
+    """Offline DPO in one process on 8-pair batches (``tests.helpers.run_cli``): the
+    baseline that the 2-process DDP and FSDP2 runs on 2 x 4 pairs must reproduce."""
+    from tests.helpers import run_cli
+
+    return run_cli(tmp_path_factory.mktemp("one_process"), "one", "dpo",
+                   "--data.batch_size=8", "--trainer.enable_checkpointing=false")

@@ -67,3 +67,73 @@ class RestoreAfterSetup(SingleDeviceStrategy):
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
+
+
+def synthetic_datamodule():
+    """The small synthetic preference data that in-process training tests fit on."""
+    from sail_lightning.data.datamodule import PreferenceDataModule
+
+    return PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
+                                max_prompt_length=16, max_response_length=16)
+
+
+def synthetic_pairs(n: int) -> list:
+    """The first ``n`` training pairs of :func:`synthetic_datamodule`."""
+    dm = synthetic_datamodule()
+    dm.setup("fit")
+    return dm.train_pairs[:n]
+
+
+def fit(module, tmp_path, steps=2, epochs=1, ckpt_path=None, callbacks=(), **trainer_kw):
+    """A quiet CPU fit of ``module`` on :func:`synthetic_datamodule`: ``steps`` batches per
+    epoch, no validation, logger or checkpoints unless ``trainer_kw`` says otherwise."""
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=list(callbacks), **trainer_kw)
+    trainer.fit(module, datamodule=synthetic_datamodule(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def run_cli(tmp_path, name: str, method: str, *args: str, callbacks: tuple = ()) -> dict:
+    """``sail-lightning fit`` of the quickstart with ``configs/method/<method>.yaml`` in a
+    subprocess, 2 epochs of 6 steps; each rank's ``DumpPool`` record (losses, pool...)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import CONFIGS, REPO
+
+    root = tmp_path / name
+    cfg = {"trainer": {
+        "default_root_dir": str(root), "max_epochs": 2, "limit_train_batches": 6,
+        "limit_val_batches": 2, "enable_progress_bar": False, "log_every_n_steps": 1,
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": str(root), "name": "csv"}},
+        "callbacks": [{"class_path": "tests.helpers.DumpPool",
+                       "init_args": {"path": str(root / "pool")}}, *callbacks]}}
+    if method != "dpo":
+        cfg["trainer"]["callbacks"].insert(0, {
+            "class_path": "sail_lightning.callbacks.PairGenerationCallback",
+            "init_args": {"progress": False, "sampling": {"num_samples": 2, "max_new_tokens": 8,
+                                                           "batch_size": 32}}})
+    overlay = tmp_path / f"{name}.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "sail_lightning", "fit", "-c", str(CONFIGS / "quickstart.yaml"),
+           "-c", str(CONFIGS / "method" / f"{method}.yaml"), "-c", str(overlay),
+           "--data.num_synthetic_pairs=400", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in (root / "pool").glob("rank*.json")}
+
+
+def assert_ranks_average_to(one: list[float], two: dict) -> None:
+    """Equal local batches: the global batch's loss (one process) is the mean of the two
+    ranks' losses, step by step."""
+    import pytest
+
+    for step, (a, b0, b1) in enumerate(zip(one, two[0]["losses"], two[1]["losses"],
+                                           strict=True)):
+        assert (b0 + b1) / 2 == pytest.approx(a, rel=1e-4, abs=1e-5), step

@@ -5,11 +5,10 @@ import lightning as L
 import pytest
 import torch
 
-from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
 from tests.conftest import TINY_CONFIG, save_tiny_llama
-from tests.helpers import RestoreAfterSetup, same_bits, snapshot
+from tests.helpers import RestoreAfterSetup, fit, same_bits, snapshot, synthetic_pairs
 
 LORA = LoraOptions(r=2, alpha=4, dropout=0.0)
 
@@ -34,17 +33,6 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not same_bits(a[k], b[k])]
     assert not different, different[:5]
-
-
-def fit(module, tmp_path, epochs=1, ckpt_path=None, callbacks=(), **trainer_kw):
-    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
-                              max_prompt_length=16, max_response_length=16)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=2,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=list(callbacks), **trainer_kw)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return trainer
 
 
 def nbytes(tensors) -> int:
@@ -135,15 +123,8 @@ def test_an_updated_reference_is_kept_and_restored(tiny_model_dir, tmp_path, lor
         assert not any(p.requires_grad for n, p in params.items() if ".reference." in n)
     else:
         assert_same(snapshot(restored.reference), snapshot(m.reference))
-    pairs = _pairs(4)
+    pairs = synthetic_pairs(4)
     torch.testing.assert_close(restored.pair_logprobs(pairs), m.pair_logprobs(pairs))
-
-
-def _pairs(n):
-    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64,
-                              max_prompt_length=16, max_response_length=16)
-    dm.setup("fit")
-    return dm.train_pairs[:n]
 
 
 def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_model_dir,

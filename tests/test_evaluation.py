@@ -17,6 +17,10 @@ from tests.conftest import CONFIGS, TINY_CONFIG
 def test_win_rate_counts_ties_half():
     a, b = torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 5.0, 3.0])
     assert win_rate(a, b) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    a = torch.tensor([1.0, 0.5, 0.2, 0.0])
+    b = torch.tensor([0.0, 0.5, 0.3, 0.0])
+    assert win_rate(a, b) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert win_rate(b, a) == pytest.approx(1 - win_rate(a, b))
 
 
 @pytest.fixture(scope="module")

@@ -61,13 +61,6 @@ def test_reward_model_agrees_with_oracle_more_than_chance(setup):
     assert agreement["vs_labels"] > 0.55
 
 
-def test_win_rate_counts_ties_half():
-    a = torch.tensor([1.0, 0.5, 0.2, 0.0])
-    b = torch.tensor([0.0, 0.5, 0.3, 0.0])
-    assert win_rate(a, b) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
-    assert win_rate(b, a) == pytest.approx(1 - win_rate(a, b))
-
-
 def test_mean_ci_on_hand_values():
     # mean 2, sample sd 1, n 3: half-width t_{0.975,2} / sqrt(3) = 4.303 / 1.7320508
     stat = mean_ci([1.0, 2.0, 3.0])
@@ -109,7 +102,8 @@ def test_overrides_land_in_the_cli_config(tmp_path, capsys):
     for expected in ("model_name_or_path: /base", "tokenizer: /base", "source: /data/x.jsonl",
                      "name_or_path: /rm", "response_term: released_code", "limit: 70",
                      "seed_everything: 7", "label_seed: 7", "max_epochs: 2",
-                     "sail_lightning.experiments.runs.SavePolicy",
+                     "sail_lightning.export.ExportPolicyCallback",
+                     f"dirpath: {tmp_path / 'policy'}",
                      "enable_progress_bar: false"):
         assert expected in out, expected
     assert "EvaluationCallback" not in out  # the overlay replaces the callback list

@@ -10,7 +10,8 @@ import yaml
 
 from sail_lightning.module import SAILModule
 from tests.conftest import CONFIGS
-from tests.test_distributed import run
+from tests.helpers import assert_ranks_average_to
+from tests.helpers import run_cli as run
 
 FSDP2 = ["-c", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--trainer.devices=2"]
 NO_CHECKPOINTS = "--trainer.enable_checkpointing=false"
@@ -30,13 +31,11 @@ def sharded(tmp_path_factory):
                     callbacks=[SAVE_EVERY_EPOCH])
 
 
-def test_fsdp2_shard_training_matches_one_process(tmp_path, sharded):
-    one = run(tmp_path, "one", "dpo", "--data.batch_size=8", NO_CHECKPOINTS)[0]["losses"]
+def test_fsdp2_shard_training_matches_one_process(sharded, one_process_dpo):
+    one = one_process_dpo[0]["losses"]
     two = sharded[1]
     assert two[0]["world_size"] == 2 and len(two[0]["losses"]) == len(one) == 12
-    for step, (a, b0, b1) in enumerate(zip(one, two[0]["losses"], two[1]["losses"],
-                                           strict=True)):
-        assert (b0 + b1) / 2 == pytest.approx(a, rel=1e-4, abs=1e-5), step
+    assert_ranks_average_to(one, two)
 
 
 def test_fsdp2_shard_online_generation_with_uneven_lengths_does_not_deadlock(tmp_path):
@@ -166,9 +165,7 @@ def test_fsdp2_shard_lora_reference_update_matches_one_process_and_resumes_exact
     two, two_updates = reference_updates(tmp_path, "two", "--data.batch_size=4", *FSDP2,
                                          callbacks=[SAVE_EVERY_EPOCH])
     assert two[0]["world_size"] == 2 and len(two[0]["losses"]) == len(one[0]["losses"]) == 18
-    for step, (a, b0, b1) in enumerate(zip(one[0]["losses"], two[0]["losses"],
-                                           two[1]["losses"], strict=True)):
-        assert (b0 + b1) / 2 == pytest.approx(a, rel=1e-4, abs=1e-5), step
+    assert_ranks_average_to(one[0]["losses"], two)
     for updates in (one_updates[0], two_updates[0], two_updates[1]):
         assert_reference_is_the_policy(updates, count=2)
         for ours, theirs in zip(updates, one_updates[0], strict=True):

@@ -420,15 +420,7 @@ def test_labels_defaults():
 
 
 def test_reseed_restarts_the_random_draws():
-    from sail_lightning.labellers import OracleLabeller
-    from sail_lightning.synthetic import SyntheticTask
-
-    task = SyntheticTask()
-    prompts = task.sample_prompts(200, seed=0)
-    a = [task.corrupt(task.ideal_response(p), 0.5, __import__("random").Random(i))
-         for i, p in enumerate(prompts)]
-    b = [task.corrupt(task.ideal_response(p), 0.5, __import__("random").Random(i + 999))
-         for i, p in enumerate(prompts)]
+    prompts, a, b = random_pairs(200)
     oracle = OracleLabeller(seed=1)
     first = oracle.label(prompts, a, b).a_preferred
     oracle.label(prompts, a, b)  # advance the stream

@@ -1,42 +1,24 @@
 """LoRA and QLoRA (4-bit base, bitsandbytes on CPU): what trains, what stays, the reference."""
 
 import bitsandbytes as bnb
-import lightning as L
 import pytest
 import torch
 import yaml
 
-from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.data.tokenize import PreferenceCollator
 from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.models import LoraOptions, QuantizationOptions
 from sail_lightning.module import SAILModule
-from tests.conftest import TINY_CONFIG, assert_reference_becomes_the_policy
-from tests.helpers import same_bits, snapshot
+from tests.conftest import TINY_CONFIG, assert_reference_becomes_the_policy, save_tiny_llama
+from tests.helpers import fit, same_bits, snapshot, synthetic_pairs
 
 LORA = LoraOptions(r=4, alpha=8, dropout=0.0)
 QLORA = QuantizationOptions(quant_type="nf4", double_quant=True, compute_dtype="float32")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def datamodule() -> PreferenceDataModule:
-    return PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
-                                max_prompt_length=16, max_response_length=16)
-
-
-def fit(module, tmp_path, steps=3, epochs=1, **kw):
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=steps,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, **kw)
-    trainer.fit(module, datamodule=datamodule())
-    return trainer
-
-
 def a_batch(n=6):
-    dm = datamodule()
-    dm.setup("fit")
-    return PreferenceCollator(0)([p.example(0) for p in dm.train_pairs[:n]])
+    return PreferenceCollator(0)([p.example(0) for p in synthetic_pairs(n)])
 
 
 def load_base(path, quantized: bool):
@@ -63,7 +45,7 @@ def test_lora_and_qlora_train_only_the_adapters(tiny_model_dir, tmp_path, quanti
                    gradient_checkpointing=checkpointing)
     m.configure_model()
     before = snapshot(m.policy)
-    fit(m, tmp_path)
+    fit(m, tmp_path, steps=3)
     after = snapshot(m.policy)
     assert before.keys() == after.keys()
     changed = {k for k in before if not same_bits(before[k], after[k])}
@@ -115,7 +97,7 @@ def test_qlora_update_reference_copies_the_adapter_without_merging(tiny_model_di
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     base = {k: v for k, v in snapshot(m.policy).items() if "lora_" not in k}
-    assert_reference_becomes_the_policy(m, datamodule_pairs(6))
+    assert_reference_becomes_the_policy(m, synthetic_pairs(6))
     params = dict(m.policy.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)
@@ -143,7 +125,7 @@ def test_qlora_eval_forwards_leave_the_weights_trainable(tiny_model_dir):
         return lp.detach(), grads
 
     lp0, grads0 = train_forward()
-    _, ref = m.pair_logprobs(datamodule_pairs(6), policy=False)  # eval mode, no grad
+    _, ref = m.pair_logprobs(synthetic_pairs(6), policy=False)  # eval mode, no grad
     m.policy.eval()
     with torch.no_grad():
         lp_eval, _ = concatenated_logprobs(m.policy, batch)
@@ -174,12 +156,6 @@ def test_qlora_separate_reference_is_4bit_frozen_and_left_out_of_checkpoints(tin
     m.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"]
     assert all(".lora_" in k and k.startswith("policy.") for k in checkpoint["state_dict"])
-
-
-def datamodule_pairs(n):
-    dm = datamodule()
-    dm.setup("fit")
-    return dm.train_pairs[:n]
 
 
 @pytest.mark.parametrize("kwargs,names", [
@@ -241,11 +217,11 @@ def fit_and_export(module, tmp_path, **callback_kw):
     from sail_lightning.export import ExportPolicyCallback
 
     callback = ExportPolicyCallback(**callback_kw)
-    fit(module, tmp_path, callbacks=[callback])
+    fit(module, tmp_path, steps=3, callbacks=[callback])
     return callback
 
 
-def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path):
+def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path, synthetic_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sail_lightning.export import export_policy
@@ -263,7 +239,7 @@ def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path):
     assert hasattr(m.policy, "peft_config")
     torch.testing.assert_close(logits(m.policy, batch), expected, rtol=0, atol=0)
     tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    assert tok("a b =")["input_ids"] == m_tokenizer()("a b =")["input_ids"]
+    assert tok("a b =")["input_ids"] == synthetic_tokenizer("a b =")["input_ids"]
     # With a reference adapter beside it (iterative methods), only the policy's is merged.
     m.update_reference()
     with torch.no_grad():
@@ -275,12 +251,6 @@ def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path):
     m.policy.eval()
     torch.testing.assert_close(logits(again, batch), logits(m.policy, batch), atol=1e-5,
                                rtol=1e-5)
-
-
-def m_tokenizer():
-    from sail_lightning.synthetic import build_tokenizer
-
-    return build_tokenizer("synthetic")
 
 
 def test_export_lora_adapter_only_loads_with_peft(tiny_model_dir, tmp_path):
@@ -349,13 +319,8 @@ def peft_prepared_bf16(path):
 def test_qlora_bf16_keeps_the_embeddings_in_bf16(tmp_path, synthetic_tokenizer, tied):
     # peft's k-bit preparation upcasts them to float32: twice their bf16 size, for a frozen
     # layer whose values are bf16 values (Llama-3-8B: 4.2 GB instead of 2.1 GB).
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sail_lightning.synthetic import tiny_llama_config
-
-    torch.manual_seed(0)
-    cfg = {**tiny_llama_config(synthetic_tokenizer, hidden_size=32), "tie_word_embeddings": tied}
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(tmp_path)
+    save_tiny_llama(tmp_path, synthetic_tokenizer, hidden_size=32, seed=0,
+                    tie_word_embeddings=tied)
     policy = bf16_qlora(tmp_path).policy
     embed, head = policy.get_input_embeddings(), policy.get_output_embeddings()
     assert embed.weight.dtype == head.weight.dtype == torch.bfloat16

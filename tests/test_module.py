@@ -161,3 +161,20 @@ def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, t
     assert calls == [1] and "train/loss/route_dp" in logged and "train/dp/flip_rate" in logged
     assert torch.equal(loss_on, loss_off)  # bit for bit
     assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off, strict=True))
+
+
+def test_grad_norm_is_logged_on_logging_steps_only_and_is_the_total_norm(dm, tmp_path):
+    m = tiny_module()
+    m.configure_model()
+    m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    logged = {}
+    m.log = lambda name, value, **k: logged.__setitem__(name, value)
+    m._logging_step = lambda: False
+    m.training_step(batch_of(dm, 8), 0).backward()
+    m.on_before_optimizer_step(None)
+    assert logged == {}
+    m._logging_step = lambda: True
+    m.on_before_optimizer_step(None)
+    grads = [p.grad.flatten() for p in m.policy.parameters() if p.grad is not None]
+    expected = torch.linalg.vector_norm(torch.cat(grads))
+    torch.testing.assert_close(logged["train/grad_norm"], expected)

@@ -18,6 +18,13 @@ class SAILCLI(LightningCLI):
         parser.link_arguments(("model.model_name_or_path", "model.tokenizer"), "data.tokenizer",
                               compute_fn=_tokenizer_name)
 
+    def before_instantiate_classes(self) -> None:
+        # The module's hparams come from this config under the CLI: name the tokenizer the
+        # data was given, or Lightning refuses the two hparams (same key, different values).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.model.tokenizer = _tokenizer_name(config.model.model_name_or_path,
+                                                 config.model.tokenizer)
+
 
 def main(args: list[str] | None = None) -> None:
     """Run ``sail-lightning <subcommand> ...``; ``args`` replaces ``sys.argv`` (tests)."""

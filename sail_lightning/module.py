@@ -121,6 +121,9 @@ class SAILModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _validate(locals())
+        # The tokenizer the run uses, saved as such: the CLI hands the same name to the data
+        # (data.tokenizer), and Lightning refuses hparams that differ between the two.
+        tokenizer = tokenizer or model_name_or_path
         # Saved as dicts, as the CLI saves them: a checkpoint then loads with torch.load's
         # default weights_only=True, which refuses pickled dataclasses.
         lora, quantization = _as_dict(lora), _as_dict(quantization)
@@ -136,7 +139,7 @@ class SAILModule(L.LightningModule):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.hparams.tokenizer or self.hparams.model_name_or_path
+        return self.hparams.tokenizer
 
     # -- models ----------------------------------------------------------------------------
 

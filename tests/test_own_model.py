@@ -1,0 +1,60 @@
+"""A user's own model through the CLI: by path, with its tokenizer by path, and every
+real-model config pointed at a small local model (save_pretrained to a temporary folder)."""
+
+import pytest
+import yaml
+
+from sail_lightning.cli import main
+from tests.conftest import CONFIGS, save_tiny_llama
+from tests.test_cli import QUICK, column, metrics, small
+
+
+def fit_own(tmp_path, *args):
+    main(["fit", "-c", QUICK, "--model.model_config=null", *args, *small(tmp_path, epochs=1),
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"])
+    return metrics(tmp_path)
+
+
+def test_fit_with_a_model_by_path_and_its_own_tokenizer(tmp_path, tiny_model_dir):
+    # tokenizer null: the model folder's own tokenizer, for the module and the data alike.
+    rows = fit_own(tmp_path / "run", f"--model.model_name_or_path={tiny_model_dir}",
+                   "--model.tokenizer=null")
+    assert column(rows, "val/rewards/accuracies")
+    hparams = yaml.safe_load(next((tmp_path / "run").glob("csv/version_*/hparams.yaml"))
+                             .read_text())
+    assert hparams["tokenizer"] == str(tiny_model_dir)
+
+
+def test_fit_with_a_tokenizer_by_path(tmp_path, tiny_model_dir, synthetic_tokenizer):
+    tok_dir = tmp_path / "tokenizer"
+    synthetic_tokenizer.save_pretrained(tok_dir)
+    rows = fit_own(tmp_path / "run", f"--model.model_name_or_path={tiny_model_dir}",
+                   f"--model.tokenizer={tok_dir}")
+    assert column(rows, "val/rewards/accuracies")
+
+
+REAL_MODEL_CONFIGS = sorted(p.name for p in (CONFIGS / "model").glob("*.yaml")
+                            if yaml.safe_load(p.read_text())["model"].get("model_name_or_path"))
+
+
+def test_every_real_model_config_is_covered():
+    assert {"qwen2.5-0.5b.yaml", "llama-3-8b.yaml", "llama-3-8b-qlora.yaml"} <= set(
+        REAL_MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("config", REAL_MODEL_CONFIGS)
+def test_real_model_configs_fit_a_small_local_model(tmp_path, synthetic_tokenizer, config):
+    cfg = yaml.safe_load((CONFIGS / "model" / config).read_text())
+    model_type = "qwen2" if "qwen" in config else "llama"
+    model_dir = save_tiny_llama(tmp_path / "model", synthetic_tokenizer, hidden_size=32, seed=0,
+                                model_type=model_type)
+    args = ["-c", str(CONFIGS / "model" / config), f"--model.model_name_or_path={model_dir}",
+            "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    if cfg["model"].get("logprob_chunk_size"):
+        args.append("--model.logprob_chunk_size=8")  # chunks smaller than a response
+    main(["fit", "-c", QUICK, *args, *small(tmp_path / "run", epochs=1),
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          "--trainer.accumulate_grad_batches=1"])
+    rows = metrics(tmp_path / "run")
+    assert column(rows, "val/rewards/accuracies")
+    assert column(rows, "gen/round")  # the online loop ran with the model's own tokenizer

@@ -16,7 +16,7 @@ Writes ``benchmarks/results/compare_methods{,_quick}.json`` and the charts (win 
 true reward in ``..._true_reward.png``, via ``sail_lightning.plots.comparison_chart``). The
 last line of stdout is one JSON object (``win_rate``, ``true_reward``, ``wall_seconds``:
 method -> mean; ``seeds``, ``quick``, ``budget``, ``total_seconds``). The logic lives in
-``sail_lightning.experiments``.
+``benchmarks.experiments``.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ import os
 import sys
 from dataclasses import replace
 
-try:
-    import sail_lightning  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The comparison lives beside the library, in this folder: importable from the checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sail_lightning.experiments import FULL, METHODS, QUICK, compare, markdown_table
-from sail_lightning.experiments.report import save_charts
+from benchmarks.experiments import FULL, METHODS, QUICK, compare, markdown_table
+from benchmarks.experiments.report import save_charts
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -35,7 +35,7 @@ unless ``--no-gradient-checkpointing`` / ``--logprob-chunk-size 0``):
   frozen deep copy of the policy.
 
 The step is the real training path without a ``lightning.Trainer`` (same for every variant):
-``module.configure_model()``, then ``SAILModule._logprobs`` + ``sail_loss`` (sigmoid DPO,
+``module.configure_model()``, then ``SAILModule.logprobs`` + ``sail_loss`` (sigmoid DPO,
 beta 0.1) + ``backward`` + one ``torch.optim.AdamW`` step over the trainable parameters (as
 ``configure_optimizers`` builds it; the LR scheduler holds no tensors) + ``zero_grad``.
 
@@ -59,7 +59,7 @@ Measured:
 - ``rss_before_step``: VmRSS after the module, batch and optimizer are built (weights
   resident).
 - the peak RSS (VmHWM) is reset (``echo 5 > /proc/self/clear_refs``) right before the step,
-  and again between its phases: ``forward`` (``_logprobs``, i.e. policy and reference
+  and again between its phases: ``forward`` (``logprobs``, i.e. policy and reference
   log-probs, + ``sail_loss``), ``backward``, ``optimizer`` (AdamW step + ``zero_grad``). Each
   phase's peak (``phase_peaks``) is the larger of VmHWM at its end (``phase_vmhwm``) and the
   maximum of VmRSS sampled every millisecond by a thread (the kernel updates VmHWM only at
@@ -339,7 +339,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     module.configure_model()
     _own_weights(module)
     load_seconds = time.perf_counter() - t0
-    vocab = module.policy.get_input_embeddings().weight.shape[0]
+    vocab = module.pair.policy.get_input_embeddings().weight.shape[0]
     shape = batch_shape(args)
     batch = _batch(vocab, shape, cached_reference=args.worker == "policy_only")
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -362,7 +362,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         sampler.take()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST.get(args.worker, False)):
-            loss, _ = sail_loss(*module._logprobs(batch), batch["route"],
+            lp, ref = module.logprobs(batch)
+            n = batch["route"].shape[0]
+            loss, _ = sail_loss(lp[:n], lp[n:], ref[:n], ref[n:], batch["route"],
                                 beta=module.hparams.beta)
         reset = phase_end("forward") and reset
         loss.backward()
@@ -381,7 +383,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "phase_peaks": phases, "phase_vmhwm": hwm,
         "peak_reset": reset, "loss": float(loss.detach()), "load_seconds": load_seconds,
         "step_seconds": step_seconds,
-        "params": sum(p.numel() for p in module.policy.parameters()),
+        "params": sum(p.numel() for p in module.pair.policy.parameters()),
         "trainable_params": sum(p.numel() for p in trainable),
         "reference_forward": "ref_logps" not in batch, "mmap_threshold": mmap_threshold,
     }

@@ -100,7 +100,8 @@ def build_models(root: str, hidden_size: int, max_new_tokens: int) -> tuple[str,
     """Saves the initial policy and the reward model (each with the synthetic tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
 
-    from sail_lightning.synthetic import SyntheticTask, build_tokenizer, tiny_llama_config
+    from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
+    from sail_lightning.tokenizer import build_tokenizer
 
     tok = build_tokenizer("synthetic")
     longest = SyntheticTask().max_prompt_len + 2  # bos, symbols, "="
@@ -131,7 +132,7 @@ def round_prompts(pairs: int, batch_size: int) -> list[str]:
     """The prompts of our round 0 (the DataModule's own choice), for TRL's data set."""
     dm = _datamodule(pairs, batch_size)
     dm.setup("fit")
-    return [dm.train_records[i].prompt for i in dm.round_prompts(pairs, 0)]
+    return [dm.train_records[i].prompt for i in dm.plan_round(0).prompt_indices]
 
 
 # -- ours: lightning.Trainer + SAILModule + PairGenerationCallback ---------------------------
@@ -216,10 +217,10 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
         "fit_overhead_seconds": (t1 - t_fit) - round_s
         - (marks["epoch_end"] - marks["epoch_start"]),
         "steps": trainer.global_step,
-        "pairs_trained": datamodule.epoch_counts()["total"],
+        "pairs_trained": datamodule.epoch_counts().total,
         "generated_tokens_per_second": m["gen/tokens_per_second"],
         "mean_response_length": m["gen/mean_length"],
-        "prompts": [p.prompt for p in datamodule.round_pairs],
+        "prompts": [p.prompt for p in datamodule.pool.pairs],
         "threads": torch.get_num_threads(),
     }
 
@@ -234,7 +235,7 @@ def run_trl(args: argparse.Namespace, policy_dir: str, reward_dir: str, prompts:
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from sail_lightning.synthetic import build_tokenizer
+    from sail_lightning.tokenizer import build_tokenizer
 
     class TimedOnlineDPOTrainer(OnlineDPOTrainer):
         """Adds up the time spent in generation and in reward scoring (behaviour unchanged)."""

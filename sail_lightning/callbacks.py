@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import lightning as L
 import torch
@@ -16,21 +15,21 @@ from sail_lightning.distributed import (
 )
 from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions
-from sail_lightning.labellers import Labeller, OracleLabeller
-from sail_lightning.objectives import Route
-from sail_lightning.rounds import PAIR_MODES, build_round
+from sail_lightning.labellers import Labeller
+from sail_lightning.method import PAIR_MODES
+from sail_lightning.rounds import build_round
 
 log = logging.getLogger("sail_lightning.online")
 
 
-def check_reference_update(strategy, pl_module, update_reference: bool) -> None:
+def check_reference_update(strategy: L.pytorch.strategies.Strategy, lora: bool,
+                           update_reference: bool) -> None:
     """Refuses a LoRA reference update under FSDP1 before any training: its adapter weights
     are flat shards outside forward, so the copy into the reference adapter cannot work
     (FSDP2's sharded tensors can be gathered; tested there)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    lora = getattr(pl_module, "hparams", {}).get("lora")
-    if update_reference and lora is not None and isinstance(strategy, FSDPStrategy):
+    if update_reference and lora and isinstance(strategy, FSDPStrategy):
         raise ValueError("PairGenerationCallback.update_reference with model.lora is not "
                          "supported under FSDPStrategy (FSDP1): use "
                          "configs/strategy/fsdp2.yaml, or full fine-tuning (model.lora: null)")
@@ -46,7 +45,8 @@ class PairGenerationCallback(L.Callback):
 
     Args:
         labeller: labels SAIL-PR / online pairs (and scores candidates for ``best_worst`` and
-            ``selm``). Default on the synthetic task: its Bradley-Terry oracle.
+            ``selm``). Default: the DataModule's ``oracle`` (on the synthetic task, its
+            Bradley-Terry oracle).
         sampling: how responses are sampled from the policy.
         pair_mode: ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO),
             ``selm`` or ``xpo``.
@@ -92,24 +92,20 @@ class PairGenerationCallback(L.Callback):
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        if not hasattr(dm, "add_round"):
+        from sail_lightning.data.datamodule import PreferenceDataModule
+
+        if not isinstance(trainer.datamodule, PreferenceDataModule):
             raise TypeError("PairGenerationCallback needs a PreferenceDataModule")
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise ValueError(
                 "PairGenerationCallback needs trainer.reload_dataloaders_every_n_epochs=1 (got "
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
-        check_reference_update(trainer.strategy, pl_module, self.update_reference)
-        root = trainer.log_dir or trainer.default_root_dir
-        version = getattr(trainer.logger, "version", None) if trainer.logger else None
-        if version is not None and not os.path.basename(os.path.normpath(root)).endswith(
-                str(version)):
-            # Loggers whose log_dir is their shared save_dir (W&B): one folder per run, or a
-            # second run would overwrite the first one's rounds.
-            root = os.path.join(root, str(version))
-        dm.pool_dir_default = os.path.join(root, "rounds")
-        if self.labeller is None and dm.hparams.source == "synthetic":
-            self.labeller = OracleLabeller(seed=self.seed)
+        check_reference_update(trainer.strategy, pl_module.hparams.get("lora") is not None,
+                               self.update_reference)
+
+    def labeller_for(self, datamodule) -> Labeller | None:
+        """The labeller of online pairs: this callback's, else the data's oracle."""
+        return self.labeller if self.labeller is not None else datamodule.oracle
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path:
@@ -134,8 +130,7 @@ class PairGenerationCallback(L.Callback):
             self._start_pending = False
             self._start(trainer, pl_module)
             return
-        dm = trainer.datamodule
-        if self.cache_reference and dm.offline_ref is None:
+        if self.cache_reference and trainer.datamodule.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -143,7 +138,7 @@ class PairGenerationCallback(L.Callback):
         # Restored: round 0 is not generated, and the reference log-probs are cached again in
         # on_train_start, from the restored reference (an updated one differs from the
         # initial model's).
-        trainer.datamodule.offline_ref = None
+        trainer.datamodule.pool.set_offline_reference(None)
         self._start_pending = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -153,84 +148,96 @@ class PairGenerationCallback(L.Callback):
         if next_epoch % self.every_n_epochs:
             return
         if self.update_reference:
-            pl_module.update_reference()
-            trainer.datamodule.offline_ref = None
+            pl_module.pair.update_reference()
+            trainer.datamodule.pool.set_offline_reference(None)
             self._cache_offline(trainer, pl_module)
-        self._round(trainer, pl_module, trainer.datamodule.current_round + 1)
+        self._round(trainer, pl_module, trainer.datamodule.pool.current_round + 1)
 
     # -- work ------------------------------------------------------------------------------
 
     def _cache_offline(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
-        if not self.cache_reference or not dm.train_pairs or dm.epoch_counts()["offline"] == 0:
+        if not self.cache_reference or not dm.train_pairs or dm.epoch_counts().offline == 0:
             return
         idx, real = pad_shard(list(range(len(dm.train_pairs))), trainer.global_rank,
                               trainer.world_size)
         with generation_context(trainer):
-            _, ref = pl_module.pair_logprobs([dm.train_pairs[i] for i in idx], policy=False,
-                                             batch_size=self.score_batch_size)
+            _, ref = pl_module.pair.pair_logprobs([dm.train_pairs[i] for i in idx],
+                                                  policy=False, batch_size=self.score_batch_size)
         parts = all_gather_objects([(idx[:real], ref[:real])], trainer.world_size)
         out = torch.empty(len(dm.train_pairs), 2)
         for ids, values in parts:
             out[ids] = values
-        dm.offline_ref = out
+        dm.pool.set_offline_reference(out)
 
     def _round(self, trainer, pl_module, round_index: int) -> None:
         dm = trainer.datamodule
-        need = dm.online_needed()
-        n = self.prompts_per_round or need["pp"] + need["pr"]
+        plan = dm.plan_round(round_index, self.prompts_per_round)
+        n = len(plan.prompt_indices)
         if n == 0:
             return
-        prompt_indices = dm.round_prompts(n, round_index)
-        # Routes in the same proportion as the epoch needs them: PP first, then PR.
-        n_pp = round(n * need["pp"] / max(1, need["pp"] + need["pr"]))
-        routes = [int(Route.PP)] * n_pp + [int(Route.PR)] * (n - n_pp)
         rank, world = trainer.global_rank, trainer.world_size
         # Padded shards: under sharding every rank must run as many forwards as the others.
         mine, real = pad_shard(list(range(n)), rank, world)
         seed = self.seed + 100_003 * round_index + rank
-        if self.labeller is not None:
-            self.labeller.reseed(seed)
+        labeller = self.labeller_for(dm)
+        if labeller is not None:
+            labeller.reseed(seed)
+        indices = [plan.prompt_indices[k] for k in mine]
         with generation_context(trainer):
             pairs, stats = build_round(
-                pl_module, dm, self.labeller, self.sampling, pair_mode=self.pair_mode,
-                round_index=round_index, prompt_indices=[prompt_indices[k] for k in mine],
-                routes=[routes[k] for k in mine], prompt_positions=mine, seed=seed,
+                pl_module.pair, dm.tokenizer, [dm.train_records[i] for i in indices],
+                [dm.train_pairs[i] for i in indices], labeller, self.sampling,
+                beta=pl_module.hparams.beta, pair_mode=self.pair_mode, round_index=round_index,
+                routes=[plan.routes[k] for k in mine], prompt_positions=mine, seed=seed,
                 progress=self.progress and trainer.is_global_zero,
                 score_batch_size=self.score_batch_size,
                 synced_gpus=synced_generation(trainer))
-        gathered = all_gather_objects([(pairs[:real], stats)], world)
-        pairs = sorted((p for part, _ in gathered for p in part), key=lambda p: p.prompt_index)
-        path = dm.add_round(round_index, pairs, write=trainer.is_global_zero)
+        records = [dm.train_records[i] for i in indices[:real]]
+        truth = _true_rewards(dm.oracle, pairs[:real], records)
+        gathered = all_gather_objects([(pairs[:real], stats, truth)], world)
+        pairs = sorted((p for part, _, _ in gathered for p in part), key=lambda p: p.prompt_index)
+        path = dm.pool.add_round(round_index, pairs, write=trainer.is_global_zero)
         if trainer.is_global_zero:
-            metrics = self._metrics(dm, round_index, pairs, [s for _, s in gathered])
+            metrics = _metrics(round_index, pairs, [s for _, s, _ in gathered],
+                               [t for _, _, t in gathered if t is not None])
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
                      path, metrics["gen/seconds"])
 
-    def _metrics(self, dm, round_index, pairs, stats) -> dict[str, float]:
-        total = {k: sum(s[k] for s in stats) for k in stats[0]}
-        gen_s = max(s["gen_seconds"] for s in stats)  # ranks run in parallel
-        metrics = {
-            "gen/round": float(round_index),
-            "gen/prompts": float(len(pairs)),
-            "gen/mean_length": total["tokens"] / max(1, total["generated"]),
-            "gen/eos_rate": total["eos"] / max(1, total["generated"]),
-            "gen/seconds": gen_s,
-            "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
-            "gen/label_seconds": max(s["label_seconds"] for s in stats),
-        }
-        scored = [p.scores for p in pairs if p.scores]
-        if scored:
-            metrics["gen/reward_mean"] = sum(s["chosen"] + s["rejected"] for s in scored) / (
-                2 * len(scored))
-        if dm.hparams.source == "synthetic":
-            # The task's true reward: how often the label agrees with r* (ties count half).
-            oracle = OracleLabeller(sample=False)
-            prompts = [p.prompt for p in pairs]
-            rc = oracle.score(prompts, [p.chosen for p in pairs])
-            rr = oracle.score(prompts, [p.rejected for p in pairs])
-            metrics["gen/label_agreement"] = win_rate(rc, rr)
-            metrics["gen/true_reward_mean"] = float(torch.cat([rc, rr]).mean())
-        return metrics
+
+def _true_rewards(oracle: Labeller | None, pairs, records) -> tuple | None:
+    """The oracle's scores of each pair's chosen and rejected response (each rank scores
+    its own shard, with its prompts' chat turns), or None without an oracle with scores."""
+    if oracle is None or not pairs:
+        return None
+    prompts, messages = [p.prompt for p in pairs], [r.messages for r in records]
+    chosen = oracle.score(prompts, [p.chosen for p in pairs], messages=messages)
+    if chosen is None:
+        return None
+    return chosen, oracle.score(prompts, [p.rejected for p in pairs], messages=messages)
+
+
+def _metrics(round_index: int, pairs, stats: list[dict], truth: list[tuple]) -> dict[str, float]:
+    total = {k: sum(s[k] for s in stats) for k in stats[0]}
+    gen_s = max(s["gen_seconds"] for s in stats)  # ranks run in parallel
+    metrics = {
+        "gen/round": float(round_index),
+        "gen/prompts": float(len(pairs)),
+        "gen/mean_length": total["tokens"] / max(1, total["generated"]),
+        "gen/eos_rate": total["eos"] / max(1, total["generated"]),
+        "gen/seconds": gen_s,
+        "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
+        "gen/label_seconds": max(s["label_seconds"] for s in stats),
+    }
+    scored = [p.scores for p in pairs if p.scores]
+    if scored:
+        metrics["gen/reward_mean"] = sum(s["chosen"] + s["rejected"] for s in scored) / (
+            2 * len(scored))
+    if truth:
+        # The task's true reward, and how often the label agrees with it (ties count half).
+        rc, rr = torch.cat([t[0] for t in truth]), torch.cat([t[1] for t in truth])
+        metrics["gen/label_agreement"] = win_rate(rc, rr)
+        metrics["gen/true_reward_mean"] = float(torch.cat([rc, rr]).mean())
+    return metrics

@@ -65,7 +65,8 @@ class SAILFSDPStrategy(FSDPStrategy):
         self.checkpoint_layers = checkpoint_layers
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        policy_model = getattr(model, "policy", model)
+        pair = getattr(model, "pair", None)  # a SAILModule: wrap by its policy's layers
+        policy_model = pair.policy if pair is not None else model
         if "auto_wrap_policy" not in self.kwargs:
             self.kwargs["auto_wrap_policy"] = auto_wrap_policy(policy_model)
         # Frozen and trainable parameters may still share units (e.g. the root).
@@ -100,7 +101,7 @@ class SAILModelParallelStrategy(ModelParallelStrategy):
     says (Lightning issue #20274), so the frozen weights that ``SAILModule`` leaves out of
     checkpoints fail the load; here only the saved weights are read. Both formats (folder,
     or one file with ``save_distributed_checkpoint=False``) first go through
-    ``SAILModule.check_checkpoint``: under this strategy ``on_load_checkpoint`` gets no
+    ``PolicyPair.check_checkpoint``: under this strategy ``on_load_checkpoint`` gets no
     weights, so it could neither require the trainable ones nor restore the reference flag.
     """
 
@@ -109,7 +110,7 @@ class SAILModelParallelStrategy(ModelParallelStrategy):
         module = self.lightning_module
         if not path.is_dir():  # one file: Lightning loads it non-strictly already
             saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
-            module.check_checkpoint(saved["state_dict"].keys(), saved)
+            module.pair.check_checkpoint(saved["state_dict"].keys(), saved)
             return super().load_checkpoint(path, weights_only)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
@@ -121,7 +122,7 @@ class SAILModelParallelStrategy(ModelParallelStrategy):
         metadata = torch.load(path / "meta.pt", weights_only=weights_only)  # Lightning's name
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         saved = {k.removeprefix("state_dict.") for k in stored if k.startswith("state_dict.")}
-        module.check_checkpoint(saved, metadata)
+        module.pair.check_checkpoint(saved, metadata)
         weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
         dcp.load({"state_dict": weights}, checkpoint_id=path)
         self.model.load_state_dict(weights, strict=False)

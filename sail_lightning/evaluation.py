@@ -2,8 +2,8 @@
 
 What the SAIL paper reports, computed during ``fit`` (every ``every_n_epochs``) and by
 ``sail-lightning validate``; the reward margin and accuracy on held-out pairs come from
-``SAILModule.validation_step``. On the synthetic task the default judge is its ground
-truth, so win rates are exact rather than a judge's opinion.
+``SAILModule.validation_step``. The default judge is the data's ``oracle``: on the synthetic
+task its ground truth, so win rates are exact rather than a judge's opinion.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import Labeller, OracleLabeller
+from sail_lightning.labellers import Labeller
+from sail_lightning.policy_pair import PolicyPair
 
 log = logging.getLogger("sail_lightning.eval")
 
@@ -36,8 +37,8 @@ class EvaluationCallback(L.Callback):
     estimate of KL(pi || pi_ref)) and ``val/mean_length`` (tokens of the greedy responses).
 
     Args:
-        judge: a scoring labeller (reward model, callable, oracle). Default on the synthetic
-            task: its ground truth; elsewhere win rates are skipped without one.
+        judge: a scoring labeller (reward model, callable, oracle). Default: the
+            DataModule's ``oracle``; without either, win rates are skipped.
         num_prompts: held-out prompts evaluated (the first ones of the validation split).
         max_new_tokens: response length limit.
         every_n_epochs: during fit, evaluate after every this many epochs.
@@ -60,38 +61,37 @@ class EvaluationCallback(L.Callback):
         from sail_lightning.distributed import generation_context, synced_generation
 
         with generation_context(trainer):
-            metrics = self.evaluate(trainer.datamodule, pl_module,
+            metrics = self.evaluate(trainer.datamodule, pl_module.pair,
                                     synced_gpus=synced_generation(trainer))
         for name, value in metrics.items():
             pl_module.log(name, value)
 
     @torch.no_grad()
-    def evaluate(self, datamodule, module, synced_gpus: bool = False) -> dict[str, float]:
-        """The metrics above, as a dict (notebooks call it directly)."""
+    def evaluate(self, datamodule, pair: PolicyPair, synced_gpus: bool = False
+                 ) -> dict[str, float]:
+        """The metrics above, as a dict (notebooks call it directly with ``module.pair``)."""
         records = datamodule.val_records[: self.num_prompts]
         pairs = datamodule.val_pairs[: self.num_prompts]
         if not records:
             return {}
         tok = datamodule.tokenizer
-        judge = self.judge
-        if judge is None and datamodule.hparams.source == "synthetic":
-            judge = OracleLabeller(sample=False)
+        judge = self.judge if self.judge is not None else getattr(datamodule, "oracle", None)
         prompt_ids = [p.prompt_ids for p in pairs]
         gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                "progress": False, "synced_gpus": synced_gpus}
         greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens)
-        policy = [s[0] for s in generate_responses(module.policy, prompt_ids, greedy,
+        policy = [s[0] for s in generate_responses(pair.policy, prompt_ids, greedy,
                                                    seed=self.seed, desc="eval", **gen)]
-        with module.reference_model() as ref:
+        with pair.reference_model() as ref:
             reference = [s[0] for s in generate_responses(ref, prompt_ids, greedy,
                                                           seed=self.seed, **gen)]
         sampled = SamplingOptions(num_samples=1, temperature=1.0,
                                   max_new_tokens=self.max_new_tokens)
-        samples = [s[0] for s in generate_responses(module.policy, prompt_ids, sampled,
+        samples = [s[0] for s in generate_responses(pair.policy, prompt_ids, sampled,
                                                     seed=self.seed, **gen)]
         # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the sampled responses.
         kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
-        pol, ref_lp = module.pair_logprobs(kl_pairs)
+        pol, ref_lp = pair.pair_logprobs(kl_pairs)
         metrics = {
             "val/kl": float((pol[:, 0] - ref_lp[:, 0]).mean()),
             "val/mean_length": sum(len(r) for r in policy) / len(policy),

@@ -6,10 +6,13 @@ import copy
 import json
 import logging
 import os
+from typing import Any
 
 import lightning as L
 
 from sail_lightning.models import is_quantized
+from sail_lightning.policy_pair import PolicyPair
+from sail_lightning.tokenizer import build_tokenizer
 
 log = logging.getLogger("sail_lightning.export")
 
@@ -17,8 +20,9 @@ log = logging.getLogger("sail_lightning.export")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-def export_policy(module, dirpath: str, merge_lora: bool = True) -> str:
-    """Saves ``module.policy`` and its tokenizer to ``dirpath`` with ``save_pretrained``.
+def export_policy(pair: PolicyPair, tokenizer: str | Any, dirpath: str,
+                  merge_lora: bool = True) -> str:
+    """Saves ``pair.policy`` and its tokenizer to ``dirpath`` with ``save_pretrained``.
 
     Full fine-tuning saves the full weights. Under LoRA, ``merge_lora`` saves full weights
     with the adapter merged (into a copy: the module keeps training unchanged) and otherwise
@@ -26,19 +30,19 @@ def export_policy(module, dirpath: str, merge_lora: bool = True) -> str:
     Under QLoRA only the adapter is saved, whatever ``merge_lora`` says: merging would add the
     update to 4-bit weights, which re-quantizes the sum and rounds most of the update away.
 
-    Also usable on a module restored from a checkpoint (``SAILModule.load_from_checkpoint``).
+    Also usable on a module restored from a checkpoint: ``export_policy(module.pair,
+    module.hparams.tokenizer, dirpath)`` after ``SAILModule.load_from_checkpoint``.
 
     Args:
-        module: a configured ``SAILModule``.
+        pair: the policy (``SAILModule.pair`` of a configured module).
+        tokenizer: the policy's tokenizer, or its name or path (``model.tokenizer``).
         dirpath: output folder (created).
         merge_lora: merge LoRA adapters into full weights.
 
     Returns:
         What was saved: ``"full"``, ``"merged"`` or ``"adapter"``.
     """
-    from sail_lightning.synthetic import build_tokenizer
-
-    policy = module.policy
+    policy = pair.policy
     os.makedirs(dirpath, exist_ok=True)
     if not hasattr(policy, "peft_config"):
         policy.save_pretrained(dirpath)
@@ -62,7 +66,9 @@ def export_policy(module, dirpath: str, merge_lora: bool = True) -> str:
         config = policy.get_base_model().config.quantization_config
         with open(os.path.join(dirpath, "base_quantization.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
-    build_tokenizer(module.tokenizer_name).save_pretrained(dirpath)
+    if isinstance(tokenizer, str):
+        tokenizer = build_tokenizer(tokenizer)
+    tokenizer.save_pretrained(dirpath)
     log.info("export: policy (%s) and tokenizer saved to %s", kind, dirpath)
     return kind
 
@@ -97,7 +103,8 @@ class ExportPolicyCallback(L.Callback):
         dirpath = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir,
                                                "policy")
         if trainer.is_global_zero:
-            self.kind = export_policy(pl_module, dirpath, self.merge_lora)
+            self.kind = export_policy(pl_module.pair, pl_module.hparams.tokenizer, dirpath,
+                                      self.merge_lora)
         self.saved_to = dirpath
         # Every rank returns from fit with the folder complete.
         trainer.strategy.barrier("export_policy")

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
-from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.models import (
     LoraOptions,
     QuantizationOptions,
-    add_lora,
-    build_causal_lm,
-    freeze,
-    frozen_copy,
-    prepare_quantized,
     resolve_dtype,
     resolve_quantization,
 )
@@ -30,17 +21,14 @@ from sail_lightning.objectives import (
     LOSS_TYPES,
     RESPONSE_TERMS,
     Route,
-    exploration_bonus,
+    bonus_loss,
+    length_normalised,
     preference_metrics,
     sail_loss,
 )
+from sail_lightning.policy_pair import PolicyPair, build_policy_pair
 
 _SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
-_REF_ADAPTER = "reference"
-# Checkpoint entry: whether the reference was updated from the policy (then it is saved).
-_CKPT_REFERENCE_UPDATED = "sail_reference_updated"
-# Wrapper prefixes that module names carry but state-dict keys do not.
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 log = logging.getLogger("sail_lightning.module")
 
@@ -128,256 +116,50 @@ class SAILModule(L.LightningModule):
         # default weights_only=True, which refuses pickled dataclasses.
         lora, quantization = _as_dict(lora), _as_dict(quantization)
         self.save_hyperparameters()
-        self.policy = None
-        self.reference = None
-        self._ref_adapter: str | None = None  # LoRA: a frozen copy of the policy's adapter
-        # The reference no longer equals what configure_model builds: checkpoints keep it.
-        self._reference_updated = False
+        self.pair: PolicyPair | None = None  # built in configure_model
         # Checkpoints omit the frozen weights that configure_model rebuilds (on_save_checkpoint);
         # on_load_checkpoint still requires every other key.
         self.strict_loading = False
 
-    @property
-    def tokenizer_name(self) -> str:
-        return self.hparams.tokenizer
-
     # -- models ----------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.policy is not None:
+        if self.pair is not None:
             return  # idempotent: Lightning may call it again (e.g. when resuming)
-        from sail_lightning.synthetic import build_tokenizer
+        from sail_lightning.tokenizer import build_tokenizer
 
-        hp = self.hparams
-        tokenizer = build_tokenizer(self.tokenizer_name)
-        dtype = resolve_dtype(hp.torch_dtype)
-        quant = resolve_quantization(hp.quantization)
-        policy = build_causal_lm(hp.model_name_or_path, hp.model_config, tokenizer, dtype,
-                                 hp.init_seed, quant)
-        if quant is not None:
-            policy = prepare_quantized(policy, hp.gradient_checkpointing, dtype)
-        elif hp.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
-        if hp.ref_model_name_or_path:
-            self.reference = freeze(
-                build_causal_lm(hp.ref_model_name_or_path, None, tokenizer, dtype,
-                                quantization=quant))
-        elif hp.lora is None:
-            self.reference = frozen_copy(policy)
-        if hp.lora is not None:
-            policy = add_lora(policy, LoraOptions(**hp.lora))  # saved as a dict (__init__)
-        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without
-        # this, dropout would stay off while training.
-        policy.train()
-        self.policy = policy
+        self.pair = build_policy_pair(self.hparams, build_tokenizer(self.hparams.tokenizer))
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             # FSDP2 under ModelParallelStrategy: shard here, where the model is built.
             from sail_lightning.distributed import shard_fsdp2
 
-            shard_fsdp2(self.policy, mesh["data_parallel"])
-            if self.reference is not None:
-                shard_fsdp2(self.reference, mesh["data_parallel"])
+            shard_fsdp2(self.pair.policy, mesh["data_parallel"])
+            if self.pair.reference is not None:
+                shard_fsdp2(self.pair.reference, mesh["data_parallel"])
 
-    @contextlib.contextmanager
-    def reference_model(self):
-        """The reference as a model: a frozen copy, the policy's frozen reference adapter
-        (after an update), or the policy with its adapters disabled."""
-        if self.reference is not None:
-            yield self.reference
-        elif self._ref_adapter is not None:
-            self.policy.set_adapter(self._ref_adapter)
-            try:
-                yield self.policy
-            finally:
-                self.policy.set_adapter("default")
-                self._freeze_reference_adapter()
-        else:
-            with self.policy.disable_adapter():
-                yield self.policy
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            from sail_lightning.method import MethodSpec
 
-    def reference_logprobs(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs of a collated batch (no gradient)."""
-        with torch.no_grad(), self.reference_model() as model:
-            return concatenated_logprobs(model, batch, self.hparams.logprob_chunk_size)
+            # Before configure_model builds anything: the method's options must agree.
+            spec = MethodSpec.from_trainer(self.trainer)
+            spec.check()
+            log.info("method: %s", spec.name)
 
-    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy and reference log-probs of every row (chosen, rejected[, bonus])."""
-        lp, counts = concatenated_logprobs(self.policy, batch, self.hparams.logprob_chunk_size)
-        if "ref_logps" in batch:
-            ref = batch["ref_logps"].to(lp)  # cached once per pool: no reference forward
-        else:
-            ref, _ = self.reference_logprobs(batch)
-        if self.hparams.loss_type == "ipo":
-            # IPO is defined on length-averaged log-probs.
-            counts = counts.clamp(min=1).to(lp.dtype)
-            lp, ref = lp / counts, ref / counts
-        return lp, ref
-
-    def _logprobs(self, batch):
-        lp, ref = self._forward(batch)
-        b = batch["route"].shape[0]
-        return lp[:b], lp[b : 2 * b], ref[:b], ref[b : 2 * b]
-
-    # -- services for the online loop ------------------------------------------------------
-
-    @torch.no_grad()
-    def pair_logprobs(
-        self, pairs: list[TokenizedPair], *, policy: bool = True, batch_size: int = 32
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Policy (optional) and reference log-probs of pairs, in eval mode: ``(N, k)`` with
-        columns chosen, rejected (and bonus when the pairs carry one)."""
-        collate = PreferenceCollator(self._pad_token_id())
-        pol_out, ref_out = [], []
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                examples = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids,
-                                          bonus_ids=p.bonus_ids).example(0) for p in chunk]
-                batch = {k: v.to(self.device) for k, v in collate(examples).items()}
-                k = batch["input_ids"].shape[0] // len(chunk)
-                ref, _ = self.reference_logprobs(batch)
-                ref_out.append(ref.view(k, -1).T.float().cpu())
-                if policy:
-                    lp, _ = concatenated_logprobs(self.policy, batch,
-                                                  self.hparams.logprob_chunk_size)
-                    pol_out.append(lp.view(k, -1).T.float().cpu())
-        finally:
-            self.policy.train(was_training)
-        return (torch.cat(pol_out) if policy else None), torch.cat(ref_out)
-
-    def update_reference(self) -> None:
-        """pi_ref <- pi_theta (iterative DPO, SELM). Under LoRA the policy's adapter is
-        copied into a second, frozen adapter: nothing is merged into (quantized) weights."""
-        self._reference_updated = True
-        if self.hparams.lora is None:
-            target = self.reference
-            target.load_state_dict(self.policy.state_dict())
-            target.requires_grad_(False)
-            return
-        self._add_reference_adapter()
-        params = dict(self.policy.named_parameters())
-        copied = 0
-        with torch.no_grad():
-            for name, p in params.items():
-                if ".default." in name:
-                    # FSDP2: the policy's adapter is sharded (DTensor); the reference adapter,
-                    # added after fully_shard, is a plain tensor that each rank holds whole.
-                    full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                    target = params[name.replace(".default.", f".{self._ref_adapter}.")]
-                    if full.shape != target.shape:  # copy_ would broadcast a shard silently
-                        raise RuntimeError(
-                            f"update_reference: {name} has shape {tuple(full.shape)}, its "
-                            f"reference copy {tuple(target.shape)}; a sharded (FSDP1) adapter "
-                            "cannot be copied: use configs/strategy/fsdp2.yaml")
-                    target.copy_(full)
-                    copied += 1
-        if not copied:  # e.g. flattened parameters: the reference would silently stay the base
-            raise RuntimeError("update_reference: no LoRA weight of the policy's 'default' "
-                               "adapter was found to copy into the reference")
-        self._freeze_reference_adapter()
-
-    def _add_reference_adapter(self) -> None:
-        """The second LoRA adapter that holds an updated reference (idempotent)."""
-        if self._ref_adapter is not None:
-            return
-        import copy
-
-        self._ref_adapter = _REF_ADAPTER
-        config = copy.deepcopy(self.policy.peft_config["default"])
-        self.policy.add_adapter(self._ref_adapter, config)
-        self.policy.set_adapter("default")
-        self._freeze_reference_adapter()
-
-    def _freeze_reference_adapter(self) -> None:
-        for name, p in self.policy.named_parameters():
-            if f".{self._ref_adapter}." in name:
-                p.requires_grad_(False)
-
-    def _pad_token_id(self) -> int:
-        config = getattr(self.policy, "config", None)
-        pad = getattr(config, "pad_token_id", None)
-        return 0 if pad is None else int(pad)
-
-    # -- lean checkpoints ------------------------------------------------------------------
+    # -- lean checkpoints: the pair decides what is kept --------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drops the frozen weights that ``configure_model`` rebuilds: the reference (from a
-        path, or a copy of the initial policy, which a path or ``init_seed`` reproduces) and,
-        under LoRA / QLoRA, the frozen base. Kept: trainable weights and an updated reference.
-
-        Filtering the checkpoint, not overriding ``state_dict()``, also works under FSDP.
-        """
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        trainable = self._trainable_keys()
-        dropped = [k for k in state if self._rebuildable(k, trainable)]
-        for key in dropped:
-            del state[key]
-        checkpoint[_CKPT_REFERENCE_UPDATED] = self._reference_updated
-        log.debug("checkpoint: %d frozen tensors left out, %d kept", len(dropped), len(state))
+        """Leaves out the frozen weights that ``configure_model`` rebuilds
+        (``PolicyPair.lean_checkpoint``); filtering the checkpoint, not overriding
+        ``state_dict()``, also works under FSDP."""
+        self.pair.lean_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checks the saved weights (``check_checkpoint``); loading is otherwise non-strict."""
-        state = checkpoint.get("state_dict")
-        if state is None or self.policy is None:
-            # FSDP2: the strategy takes the weights out first, and SAILModelParallelStrategy
-            # has called check_checkpoint before loading them.
-            return
-        self.check_checkpoint(state.keys(), checkpoint)
-
-    def check_checkpoint(self, saved_keys, checkpoint: dict[str, Any]) -> None:
-        """Restores the reference adapter if one was saved, then requires every key that
-        ``on_save_checkpoint`` would keep among ``saved_keys`` (the checkpoint's weights).
-
-        Raises:
-            RuntimeError: naming the keys that are missing and cannot be rebuilt.
-        """
-        saved = set(saved_keys)
-        # Checkpoints from before the flag: a saved reference adapter says it all the same.
-        has_adapter = any(f".{_REF_ADAPTER}." in k for k in saved if k.startswith("policy."))
-        self._reference_updated = bool(checkpoint.get(_CKPT_REFERENCE_UPDATED, has_adapter))
-        if self._reference_updated and self.hparams.lora is not None:
-            self._add_reference_adapter()  # its weights come from the checkpoint
-        trainable = self._trainable_keys()
-        keys = self._state_keys()
-        missing = [k for k in keys if k not in saved and not self._rebuildable(k, trainable)]
-        if missing:
-            raise RuntimeError(f"the checkpoint lacks {len(missing)} weight(s) that cannot be "
-                               f"rebuilt from the model options: {missing[:20]}")
-        # Non-strict loading would drop these silently (4-bit quantization state aside).
-        unexpected = [k for k in saved - set(keys) if ".weight." not in k]
-        if unexpected:
-            rank_zero_warn(f"checkpoint weights that the model does not have, ignored: "
-                           f"{sorted(unexpected)[:20]}")
-
-    def _rebuildable(self, key: str, trainable: set[str]) -> bool:
-        """Whether ``configure_model`` recreates the weight of a state-dict key exactly."""
-        if key.startswith("reference."):
-            return not self._reference_updated
-        if self.hparams.lora is not None and key.startswith("policy."):
-            return key not in trainable and f".{_REF_ADAPTER}." not in key
-        return False
-
-    def _trainable_keys(self) -> set[str]:
-        return {_clean_key(n) for n, p in self.named_parameters() if p.requires_grad}
-
-    def _state_keys(self) -> list[str]:
-        """State-dict keys of the parameters and persistent buffers, without materialising
-        the state dict (which would gather sharded weights)."""
-        keys = []
-        for prefix, module in self.named_modules():
-            skip = module._non_persistent_buffers_set
-            tensors = [*module._parameters.items(),
-                       *((n, b) for n, b in module._buffers.items() if n not in skip)]
-            keys += [_clean_key(f"{prefix}.{n}" if prefix else n) for n, t in tensors
-                     if t is not None]
-        return keys
+        """Checks the saved weights (``PolicyPair.check_checkpoint``) before the non-strict
+        load. Under FSDP2 ``SAILModelParallelStrategy`` has checked them already."""
+        if checkpoint.get("state_dict") is not None and self.pair is not None:
+            self.pair.check_checkpoint(checkpoint["state_dict"].keys(), checkpoint)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -394,10 +176,10 @@ class SAILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        lp, ref = self._forward(batch)
+        lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
         # The metrics (and their host syncs) only on the steps the logger writes.
-        log_now = self._logging_step()
+        log_now = self.logging_step()
         loss, metrics = sail_loss(
             lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], beta=hp.beta,
             coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
@@ -406,9 +188,8 @@ class SAILModule(L.LightningModule):
             generator=self._label_generator(batch_idx),
             loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now)
         if "bonus_mask" in batch and hp.bonus_alpha:
-            bonus = exploration_bonus(lp[2 * n :], ref[2 * n :], alpha=hp.bonus_alpha,
-                                      beta=hp.beta, form=hp.bonus_form)
-            bonus = (bonus * batch["bonus_mask"].to(bonus.dtype)).sum() / n
+            bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],
+                               alpha=hp.bonus_alpha, beta=hp.beta, form=hp.bonus_form)
             loss = loss + bonus
             if log_now:
                 metrics["loss/bonus_term"] = bonus.detach()
@@ -427,7 +208,15 @@ class SAILModule(L.LightningModule):
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
 
-    def _logging_step(self) -> bool:
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probs of every row of a batch (chosen, rejected[, bonus]),
+        per-token means under IPO (``objectives.length_normalised``)."""
+        lp, ref, counts = self.pair.logprobs(batch)
+        if self.hparams.loss_type == "ipo":
+            lp, ref = length_normalised(lp, counts), length_normalised(ref, counts)
+        return lp, ref
+
+    def logging_step(self) -> bool:
         """Whether the logger writes this step: the other steps' detailed metrics would be
         computed, reduced and dropped (Lightning's per-metric bookkeeping is most of a tiny
         model's step time)."""
@@ -436,20 +225,21 @@ class SAILModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         hp = self.hparams
-        lp_c, lp_r, ref_c, ref_r = self._logprobs(batch)
+        lp, ref = self.logprobs(batch)
+        n = batch["route"].shape[0]
+        lp_c, lp_r, ref_c, ref_r = lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n]
         loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full_like(batch["route"], Route.DPO),
                             beta=hp.beta, loss_type=hp.loss_type,
                             label_smoothing=hp.label_smoothing, metrics=False)
         metrics = preference_metrics(lp_c, lp_r, ref_c, ref_r, beta=hp.beta)
-        n = batch["route"].shape[0]
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Norm before clipping: what a dashboard needs to see a spike.
-        if not self._logging_step():
+        if not self.logging_step():
             return
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.pair.policy.parameters() if p.grad is not None]
         if not grads:
             return
         # torch's total norm handles FSDP2's sharded (DTensor) gradients; Lightning's
@@ -477,12 +267,6 @@ class SAILModule(L.LightningModule):
 
 def _as_dict(options: Any) -> Any:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
-
-
-def _clean_key(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def _validate(args: dict[str, Any]) -> None:

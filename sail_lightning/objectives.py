@@ -37,8 +37,26 @@ class Route(IntEnum):
     PR = 3
 
 
-def _margin(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor) -> Tensor:
+def margin(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor) -> Tensor:
+    """The log-ratio margin ``h = (lp_c - rlp_c) - (lp_r - rlp_r)``."""
     return (lp_c - rlp_c) - (lp_r - rlp_r)
+
+
+def self_label_probability(h: Tensor, *, beta: float) -> Tensor:
+    """The policy's own Bradley-Terry probability that chosen beats rejected,
+    ``sigmoid(beta * h)``: the label distribution of SAIL-PP (drawn when a pair is
+    generated) and SAIL-DP (redrawn in the training step).
+
+    Computed on the CPU in float64 (``h`` detached), so that the seeded draws made from it
+    are one reproducible stream whatever the device or dtype of training.
+    """
+    return torch.sigmoid(beta * h.detach().cpu().double())
+
+
+def length_normalised(logps: Tensor, counts: Tensor) -> Tensor:
+    """Per-token means of summed log-probs: IPO's log-probs (Azar et al. average over the
+    response's tokens). An empty response counts as one token."""
+    return logps / counts.clamp(min=1).to(logps.dtype)
 
 
 def dpo_loss(
@@ -70,7 +88,7 @@ def dpo_loss(
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * h
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -171,9 +189,8 @@ def sail_loss(
     # SAIL-DP: resample the dataset label from the policy's own Bradley-Terry model.
     flip = torch.zeros_like(is_dp)
     if bool(is_dp.any()):
-        h0 = _margin(lp_c, lp_r, rlp_c, rlp_r).detach()
-        # Drawn on the CPU in float64: one reproducible stream whatever the device or dtype.
-        p_flip = 1 - torch.sigmoid(beta * h0.cpu().double())
+        h0 = margin(lp_c, lp_r, rlp_c, rlp_r)
+        p_flip = 1 - self_label_probability(h0, beta=beta)
         draws = torch.bernoulli(p_flip, generator=generator).to(h0.device)
         flip = is_dp & draws.bool()
     # Swapping chosen and rejected is exactly h -> -h, and keeps dpo_loss's forms valid.
@@ -184,7 +201,7 @@ def sail_loss(
 
     base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
                     label_smoothing=label_smoothing)
-    ell = F.logsigmoid(beta * _margin(c_lp, r_lp, c_ref, r_ref))
+    ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
 
     c_label = _per_route(route, coef_dp, coef_pp, 0.0).to(ell.dtype)
     label_term = (-0.5 * c_label * ell**2).sum() / n
@@ -266,6 +283,22 @@ def preference_metrics(
             "logps/chosen": policy_chosen_logps.detach().float().mean(),
             "logps/rejected": policy_rejected_logps.detach().float().mean(),
         }
+
+
+def bonus_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    form: str = "selm",
+) -> Tensor:
+    """The exploration bonus of a batch: :func:`exploration_bonus` summed over the examples
+    that carry a bonus response (``mask``) and divided by the batch size, as the other terms
+    are averaged over the whole batch."""
+    bonus = exploration_bonus(policy_logps, ref_logps, alpha=alpha, beta=beta, form=form)
+    return (bonus * mask.to(bonus.dtype)).sum() / mask.shape[0]
 
 
 def exploration_bonus(

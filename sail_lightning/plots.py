@@ -124,7 +124,7 @@ def reward_histograms(rounds: Iterable[PathLike | Mapping[str, Any]],
     """One histogram per online round of the rewards of its chosen and rejected responses.
 
     Args:
-        rounds: round files (``rounds/round_NNNN.jsonl``) or ``PreferenceDataModule.rounds``.
+        rounds: round files (``rounds/round_NNNN.jsonl``) or ``PreferenceDataModule.pool.rounds``.
         score: ``score(prompts, responses)`` giving a reward per response (e.g.
             ``SyntheticTask().score``, the true reward); ``None`` uses the labeller scores
             stored in each line's ``scores``.
@@ -206,7 +206,7 @@ def comparison_chart(results: Mapping[str, Any], metric: str = "win_rate",
     """Bars of one metric per method, with 95% confidence intervals as error bars.
 
     Args:
-        results: what ``sail_lightning.experiments.compare`` returns (its ``summary``:
+        results: what ``benchmarks.experiments.compare`` returns (its ``summary``:
             ``{method: {metric: {"mean", "ci95"}}}``, ``ci95`` a half-width or None, and
             ``methods``: method -> label), or just such a ``{method: {metric: ...}}`` dict
             (``_mean_ci`` lists other shapes). A None mean or ci95 draws no bar or error bar.

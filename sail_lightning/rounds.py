@@ -16,34 +16,36 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from sail_lightning.data.pool import OnlinePair
+from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import Labeller, PolicyLabeller
 from sail_lightning.objectives import Route
+from sail_lightning.policy_pair import PolicyPair
 
-PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
 
-
-def build_round(module, datamodule, labeller: Labeller | None, sampling: SamplingOptions, *,
-                pair_mode: str, round_index: int, prompt_indices: list[int],
+def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord],
+                offline: list[TokenizedPair], labeller: Labeller | None,
+                sampling: SamplingOptions, *, beta: float, pair_mode: str, round_index: int,
                 routes: list[int], prompt_positions: list[int], seed: int,
                 progress: bool = True, score_batch_size: int = 32,
                 synced_gpus: bool = False) -> tuple[list[OnlinePair], dict]:
     """Pairs for the given prompts (one shard of a round) and timing statistics.
 
     Args:
-        prompt_indices: indices into ``datamodule.train_records`` / ``train_pairs``.
+        pair: the policy that samples (and its reference, for SELM / XPO and the cache).
+        records, offline: the prompts' training records and their tokenized pairs.
+        beta: the run's DPO beta (SAIL-PP's self-labels).
         routes: ``Route.PP`` or ``Route.PR`` per prompt.
         prompt_positions: each prompt's position in the whole round (the pool's order).
         seed: seed of this shard's sampling and label draws.
     """
-    tok = datamodule.tokenizer
-    records = [datamodule.train_records[i] for i in prompt_indices]
-    offline = [datamodule.train_pairs[i] for i in prompt_indices]
+    tok = tokenizer
     prompt_ids = [p.prompt_ids for p in offline]
     prompts = [r.prompt for r in records]
     messages = [r.messages for r in records]
@@ -51,16 +53,16 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
            "progress": progress, "synced_gpus": synced_gpus}
     t0 = time.perf_counter()
     if pair_mode in ("two_samples", "best_worst"):
-        samples = generate_responses(module.policy, prompt_ids, sampling, seed=seed, **gen)
+        samples = generate_responses(pair.policy, prompt_ids, sampling, seed=seed, **gen)
     elif pair_mode == "selm":
         greedy = replace(sampling, num_samples=1, greedy=True)
-        with module.reference_model() as ref:
+        with pair.reference_model() as ref:
             samples = generate_responses(ref, prompt_ids, greedy, seed=seed, desc="reference",
                                          **gen)
     else:  # xpo
         one = replace(sampling, num_samples=1)
-        policy = generate_responses(module.policy, prompt_ids, one, seed=seed, **gen)
-        with module.reference_model() as ref:
+        policy = generate_responses(pair.policy, prompt_ids, one, seed=seed, **gen)
+        with pair.reference_model() as ref:
             reference = generate_responses(ref, prompt_ids, one, seed=seed + 1,
                                            desc="reference", **gen)
         samples = [p + r for p, r in zip(policy, reference, strict=True)]
@@ -69,7 +71,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
     texts = [[decode(tok, s) for s in group] for group in samples]
 
     t1 = time.perf_counter()
-    pairs: list[OnlinePair] = []
+    selected: list[TokenizedPair] = []
     pair_texts: list[tuple[str, str]] = []  # each pair's chosen and rejected, decoded once
     label_names: list[str] = []
     scores: list[dict | None] = []
@@ -81,7 +83,8 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
         if pr:
             if labeller is None:
                 raise ValueError("SAIL-PR / online pairs need a labeller: set the callback's "
-                                 "labeller (a reward model, ranker, callable or the oracle)")
+                                 "labeller (a reward model, judge, ranker or callable) or "
+                                 "data.oracle")
             labels = labeller.label([prompts[k] for k in pr], [texts[k][0] for k in pr],
                                     [texts[k][1] for k in pr],
                                     messages=[messages[k] for k in pr])
@@ -90,14 +93,14 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
                 score_a, score_b = torch.zeros(len(samples)), torch.zeros(len(samples))
                 score_a[pr], score_b[pr] = labels.scores_a, labels.scores_b
         if pp:
-            policy = PolicyLabeller(module, seed=seed, batch_size=score_batch_size)
+            policy = PolicyLabeller(pair, beta, seed=seed, batch_size=score_batch_size)
             a_pref[pp] = policy.label_ids([prompt_ids[k] for k in pp],
                                           [samples[k][0] for k in pp],
                                           [samples[k][1] for k in pp]).a_preferred
         for k in range(len(samples)):
             c, r = (0, 1) if a_pref[k] else (1, 0)
             bonus = samples[k][1] if pair_mode == "xpo" else None
-            pairs.append(_pair(prompt_ids[k], samples[k][c], samples[k][r], bonus))
+            selected.append(_pair(prompt_ids[k], samples[k][c], samples[k][r], bonus))
             pair_texts.append((texts[k][c], texts[k][r]))
             label_names.append("a" if a_pref[k] else "b")
             scores.append(None if score_a is None or routes[k] != Route.PR else
@@ -122,7 +125,7 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
             start += len(cands)
             best, worst = int(torch.argmax(s)), int(torch.argmin(s))
             bonus = samples[k][0] if pair_mode == "selm" else None
-            pairs.append(_pair(prompt_ids[k], cands[best], cands[worst], bonus))
+            selected.append(_pair(prompt_ids[k], cands[best], cands[worst], bonus))
             # A policy sample's text is the one decoded above; a dataset response (selm) is
             # decoded from its tokens, which may be truncated, not taken from its record.
             pair_texts.append(tuple(texts[k][i] if i < len(texts[k]) else decode(tok, cands[i])
@@ -132,9 +135,9 @@ def build_round(module, datamodule, labeller: Labeller | None, sampling: Samplin
     label_seconds = time.perf_counter() - t1
 
     # Reference log-probs once, now: the training step then skips the reference forward.
-    _, ref = module.pair_logprobs([p for p in pairs], policy=False, batch_size=score_batch_size)
+    _, ref = pair.pair_logprobs(selected, policy=False, batch_size=score_batch_size)
     out = []
-    for k, p in enumerate(pairs):
+    for k, p in enumerate(selected):
         p = replace(p, ref_chosen=float(ref[k, 0]), ref_rejected=float(ref[k, 1]),
                     ref_bonus=float(ref[k, 2]) if p.bonus_ids else None)
         out.append(OnlinePair(

@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-SYNTHETIC_TOKENIZER = "synthetic"
-"""Built-in tokenizer name that callers pass instead of a hub name or local path."""
+from sail_lightning.labellers.base import Labels, Messages, ScoringLabeller, check_lengths
+from sail_lightning.tokenizer import SYNTHETIC_TOKENIZER  # noqa: F401 (the task's tokenizer name)
 
 SEPARATOR = "="
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -265,36 +265,6 @@ class SyntheticTask:
         ]
 
 
-def build_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer by name, the one entry point for the rest of the package.
-
-    Args:
-        name_or_path: ``"synthetic"`` (``SYNTHETIC_TOKENIZER``) for the built-in task tokenizer
-            of ``SyntheticTask()``; anything else goes to ``AutoTokenizer.from_pretrained``,
-            which handles hub names and local folders alike (e.g. a saved synthetic tokenizer).
-        **kwargs: Passed to ``AutoTokenizer.from_pretrained``. For ``"synthetic"`` only
-            ``padding_side`` is honoured; the other (loading) options do not apply and are
-            ignored.
-
-    Returns:
-        The tokenizer, with a pad token guaranteed (``pad = eos`` when it had none).
-
-    Raises:
-        ValueError: If the tokenizer has neither a pad nor an eos token.
-    """
-    if name_or_path == SYNTHETIC_TOKENIZER:
-        tokenizer = SyntheticTask().build_tokenizer()
-        if "padding_side" in kwargs:
-            tokenizer.padding_side = kwargs["padding_side"]
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an eos token")
-        # Reusing eos keeps the vocabulary (and so the model's embeddings) unchanged.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
 
 def tiny_llama_config(
     tokenizer: PreTrainedTokenizerBase,
@@ -340,3 +310,37 @@ def tiny_llama_config(
         "eos_token_id": tokenizer.eos_token_id,
         "tie_word_embeddings": False,
     }
+
+
+class OracleLabeller(ScoringLabeller):
+    """The synthetic task's ground truth: scores are ``r*``, labels its Bradley-Terry draws.
+
+    The task's configs name it as ``data.oracle`` (``configs/data/synthetic.yaml``): it then
+    labels online pairs, judges the evaluation and scores each round's true reward.
+
+    Args:
+        task: The synthetic task (default ``SyntheticTask()``).
+        sample: True draws from the task's Bradley-Terry oracle (``SyntheticTask.prefer``),
+            as a human would; False takes the higher ``r*`` (ties: ``a``).
+        seed: Seed of the draws' generator, as in ``PairwiseRankerLabeller``.
+    """
+
+    def __init__(self, task: SyntheticTask | None = None, *, sample: bool = True,
+                 seed: int = 0) -> None:
+        self.task = task if task is not None else SyntheticTask()
+        self.sample = sample
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
+              messages: Messages | None = None) -> torch.Tensor:
+        check_lengths(prompts=prompts, responses=responses, messages=messages)
+        return self.task.score(prompts, responses)
+
+    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
+        labels = super().label(prompts, responses_a, responses_b, messages=messages)
+        if self.sample:
+            # The task's own oracle, so labels stay exactly its draws if it ever changes.
+            g = self.generator
+            labels.a_preferred = self.task.prefer(prompts, responses_a, responses_b, g)
+        return labels

@@ -40,13 +40,13 @@ class GenerationSamplesCallback(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Logs the current round's samples if it is new (rank 0, W&B loggers only)."""
-        dm = trainer.datamodule
-        current = getattr(dm, "current_round", -1)
+        pool = getattr(trainer.datamodule, "pool", None)
+        current = pool.current_round if pool is not None else -1
         if current <= self.last_logged_round:
             return
         self.last_logged_round = current
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        pairs: list[OnlinePair] = getattr(dm, "round_pairs", None) or []
+        pairs: list[OnlinePair] = pool.pairs if pool is not None else []
         if not trainer.is_global_zero or not loggers or not pairs:
             return
         rows = sample_rows(pairs, self.n)

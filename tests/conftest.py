@@ -24,7 +24,7 @@ TINY_CONFIG = {
 
 @pytest.fixture(scope="session")
 def synthetic_tokenizer():
-    from sail_lightning.synthetic import build_tokenizer
+    from sail_lightning.tokenizer import build_tokenizer
 
     return build_tokenizer("synthetic")
 
@@ -49,10 +49,10 @@ def assert_reference_becomes_the_policy(module, pairs):
     """update_reference(): reference log-probs equal the policy's, the policy is unchanged."""
     import torch
 
-    pol, ref_before = module.pair_logprobs(pairs)
+    pol, ref_before = module.pair.pair_logprobs(pairs)
     assert not torch.allclose(pol, ref_before)
-    module.update_reference()
-    pol_after, ref_after = module.pair_logprobs(pairs)
+    module.pair.update_reference()
+    pol_after, ref_after = module.pair.pair_logprobs(pairs)
     torch.testing.assert_close(ref_after, pol, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pol_after, pol)
 

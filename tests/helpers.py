@@ -36,11 +36,11 @@ class DumpPool(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
-        pool = [p.to_json() for p in dm.round_pairs]
+        pool = [p.to_json() for p in dm.pool.pairs]
         digest = hashlib.sha1(json.dumps(pool, sort_keys=True).encode()).hexdigest()
         os.makedirs(self.path, exist_ok=True)
         with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"rounds": dm.rounds, "pool_sha1": digest, "pairs": len(pool),
+            json.dump({"rounds": dm.pool.rounds, "pool_sha1": digest, "pairs": len(pool),
                        "world_size": trainer.world_size, "losses": self.losses,
                        "lrs": self.lrs}, f)
 
@@ -69,29 +69,55 @@ class RestoreAfterSetup(SingleDeviceStrategy):
         return True
 
 
-def synthetic_datamodule():
-    """The small synthetic preference data that in-process training tests fit on."""
+def datamodule(*, setup: bool = True, **kw):
+    """The small synthetic preference data that tests train and score on (64 pairs, batches
+    of 8, the task's oracle as ground truth); ``kw`` overrides ``PreferenceDataModule``'s
+    options. Set up unless ``setup=False`` (a Trainer sets it up itself)."""
     from sail_lightning.data.datamodule import PreferenceDataModule
+    from sail_lightning.synthetic import OracleLabeller
 
-    return PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
-                                max_prompt_length=16, max_response_length=16)
+    kw = {"tokenizer": "synthetic", "num_synthetic_pairs": 64, "batch_size": 8,
+          "max_prompt_length": 16, "max_response_length": 16, "oracle": OracleLabeller(), **kw}
+    dm = PreferenceDataModule(**kw)
+    if setup:
+        dm.setup("fit")
+    return dm
+
+
+def module(*, configure: bool = True, **kw):
+    """A tiny fresh SAILModule over the synthetic tokenizer (``tests.conftest.TINY_CONFIG``,
+    lr 1e-3); ``kw`` overrides its options. Its models are built unless ``configure=False``."""
+    from sail_lightning.module import SAILModule
+    from tests.conftest import TINY_CONFIG
+
+    if "model_name_or_path" not in kw:
+        kw = {"model_config": TINY_CONFIG, "tokenizer": "synthetic", **kw}
+    m = SAILModule(**{"lr": 1e-3, **kw})
+    if configure:
+        m.configure_model()
+    return m
+
+
+def collate(pairs, route: int = 0) -> dict:
+    """A training batch of tokenized pairs, all on one route."""
+    from sail_lightning.data.tokenize import PreferenceCollator
+
+    return PreferenceCollator(0)([p.example(int(route)) for p in pairs])
 
 
 def synthetic_pairs(n: int) -> list:
-    """The first ``n`` training pairs of :func:`synthetic_datamodule`."""
-    dm = synthetic_datamodule()
-    dm.setup("fit")
-    return dm.train_pairs[:n]
+    """The first ``n`` training pairs of :func:`datamodule`."""
+    return datamodule().train_pairs[:n]
 
 
 def fit(module, tmp_path, steps=2, epochs=1, ckpt_path=None, callbacks=(), **trainer_kw):
-    """A quiet CPU fit of ``module`` on :func:`synthetic_datamodule`: ``steps`` batches per
+    """A quiet CPU fit of ``module`` on :func:`datamodule`: ``steps`` batches per
     epoch, no validation, logger or checkpoints unless ``trainer_kw`` says otherwise."""
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=steps,
                         limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=list(callbacks), **trainer_kw)
-    trainer.fit(module, datamodule=synthetic_datamodule(), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule(setup=False), ckpt_path=ckpt_path)
     return trainer
 
 

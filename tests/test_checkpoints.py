@@ -25,8 +25,9 @@ class Capture(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
-        self.policy = snapshot(pl_module.policy)
-        self.reference = None if pl_module.reference is None else snapshot(pl_module.reference)
+        self.policy = snapshot(pl_module.pair.policy)
+        ref = pl_module.pair.reference
+        self.reference = None if ref is None else snapshot(ref)
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -46,8 +47,8 @@ def train_save_resume(make, tmp_path):
     trainer = fit(m, tmp_path)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved_policy = snapshot(m.policy)
-    saved_ref = None if m.reference is None else snapshot(m.reference)
+    saved_policy = snapshot(m.pair.policy)
+    saved_ref = None if m.pair.reference is None else snapshot(m.pair.reference)
     cap = Capture()
     torch.manual_seed(1234)  # whatever the global generator holds, the rebuild is the same
     fit(make(), tmp_path, epochs=2, ckpt_path=ckpt, callbacks=[cap])
@@ -65,10 +66,11 @@ def test_lora_checkpoint_holds_the_adapter_only_and_resumes_exactly(model64_dir,
     ckpt, m, saved_policy, _, cap = train_save_resume(make, tmp_path)
     kept = ckpt["state_dict"]
     assert kept and all(".lora_" in k and ".default." in k for k in kept)
-    assert set(kept) == {f"policy.{n}" for n, p in m.policy.named_parameters() if p.requires_grad}
+    assert set(kept) == {f"pair.policy.{n}" for n, p in m.pair.policy.named_parameters()
+                         if p.requires_grad}
     full = SAILModule(model_name_or_path=str(model64_dir))
     full.configure_model()
-    full_bytes = nbytes(full.policy.state_dict().values())
+    full_bytes = nbytes(full.pair.policy.state_dict().values())
     assert nbytes(kept.values()) < 0.25 * full_bytes
     assert (tmp_path / "last.ckpt").stat().st_size < 0.25 * full_bytes  # optimizer state too
     # The resumed run starts from the saved policy: base rebuilt from the path, adapter
@@ -82,8 +84,8 @@ def test_full_finetuning_checkpoint_drops_the_reference_loaded_by_path(model64_d
 
     ckpt, m, saved_policy, saved_ref, cap = train_save_resume(make, tmp_path)
     keys = set(ckpt["state_dict"])
-    assert not any(k.startswith("reference.") for k in keys)
-    assert keys == {f"policy.{k}" for k in saved_policy}
+    assert not any(k.startswith("pair.reference.") for k in keys)
+    assert keys == {f"pair.policy.{k}" for k in saved_policy}
     assert_same(cap.policy, saved_policy)
     assert_same(cap.reference, saved_ref)
     assert not all(torch.equal(saved_policy[k], saved_ref[k]) for k in saved_ref)  # it trained
@@ -95,7 +97,7 @@ def test_model_config_checkpoint_rebuilds_the_reference_from_init_seed(tmp_path)
 
     torch.manual_seed(99)
     ckpt, m, saved_policy, saved_ref, cap = train_save_resume(make, tmp_path)
-    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("pair.reference.") for k in ckpt["state_dict"])
     assert_same(cap.reference, saved_ref)
     assert_same(cap.policy, saved_policy)
 
@@ -105,26 +107,27 @@ def test_an_updated_reference_is_kept_and_restored(tiny_model_dir, tmp_path, lor
     m = SAILModule(model_name_or_path=str(tiny_model_dir), lr=1e-2,
                    lora=LORA if lora else None)
     trainer = fit(m, tmp_path)
-    m.update_reference()  # iterative DPO: the reference is now a trained policy
+    m.pair.update_reference()  # iterative DPO: the reference is now a trained policy
     with torch.no_grad():  # move the policy on, away from that reference
-        for p in m.policy.parameters():
+        for p in m.pair.policy.parameters():
             if p.requires_grad:
                 p.add_(0.01)
     ckpt_path = tmp_path / "updated.ckpt"
     trainer.save_checkpoint(ckpt_path)
     keys = set(torch.load(ckpt_path, weights_only=True)["state_dict"])
-    ref_keys = {k for k in keys if (".reference." in k if lora else k.startswith("reference."))}
+    ref_keys = {k for k in keys
+                if (".reference." in k if lora else k.startswith("pair.reference."))}
     assert ref_keys
     restored = SAILModule.load_from_checkpoint(ckpt_path)
-    assert_same(snapshot(restored.policy), snapshot(m.policy))
+    assert_same(snapshot(restored.pair.policy), snapshot(m.pair.policy))
     if lora:
-        assert restored._ref_adapter == "reference"
-        params = dict(restored.policy.named_parameters())
+        assert restored.pair.has_reference_adapter
+        params = dict(restored.pair.policy.named_parameters())
         assert not any(p.requires_grad for n, p in params.items() if ".reference." in n)
     else:
-        assert_same(snapshot(restored.reference), snapshot(m.reference))
+        assert_same(snapshot(restored.pair.reference), snapshot(m.pair.reference))
     pairs = synthetic_pairs(4)
-    torch.testing.assert_close(restored.pair_logprobs(pairs), m.pair_logprobs(pairs))
+    torch.testing.assert_close(restored.pair.pair_logprobs(pairs), m.pair.pair_logprobs(pairs))
 
 
 def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_model_dir,
@@ -141,7 +144,7 @@ def test_a_missing_weight_that_cannot_be_rebuilt_is_an_error_naming_it(tiny_mode
         SAILModule.load_from_checkpoint(path)
     # Weights that the model lacks would be ignored by non-strict loading: a warning names them.
     ckpt["state_dict"][lost] = torch.zeros(1)
-    ckpt["state_dict"]["policy.bogus_layer"] = torch.zeros(1)
+    ckpt["state_dict"]["pair.policy.bogus_layer"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / "extra.ckpt")
     with pytest.warns(UserWarning, match="bogus_layer"):
         with pytest.raises(RuntimeError):  # the zeros(1) stand-in has the wrong shape
@@ -157,8 +160,8 @@ class CachedReference(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         dm = trainer.datamodule
-        self.cached = dm.offline_ref[:8].clone()
-        _, self.reference = pl_module.pair_logprobs(dm.train_pairs[:8], policy=False)
+        self.cached = dm.pool.offline_ref[:8].clone()
+        _, self.reference = pl_module.pair.pair_logprobs(dm.train_pairs[:8], policy=False)
 
 
 @pytest.mark.parametrize("strategy", [None, RestoreAfterSetup()],

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from sail_lightning.cli import main
-from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.evaluation import EvaluationCallback, win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.module import SAILModule
 from sail_lightning.synthetic import SyntheticTask
-from tests.conftest import CONFIGS, TINY_CONFIG
+from tests.conftest import CONFIGS
+from tests.helpers import datamodule, module
 
 
 def test_win_rate_counts_ties_half():
@@ -25,22 +24,17 @@ def test_win_rate_counts_ties_half():
 
 @pytest.fixture(scope="module")
 def setup():
-    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=200, val_fraction=0.2,
-                              max_prompt_length=16, max_response_length=16)
-    dm.setup("fit")
-    m = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic")
-    m.configure_model()
-    return dm, m
+    return datamodule(num_synthetic_pairs=200, val_fraction=0.2), module()
 
 
 def test_at_init_policy_ties_reference_and_kl_is_zero(setup):
     dm, m = setup
-    metrics = EvaluationCallback(num_prompts=30, max_new_tokens=8).evaluate(dm, m)
+    metrics = EvaluationCallback(num_prompts=30, max_new_tokens=8).evaluate(dm, m.pair)
     assert metrics["val/win_rate_vs_ref"] == 0.5  # identical greedy responses: all ties
     assert abs(metrics["val/kl"]) < 1e-6
     # Eval reward: the true reward of the greedy responses, computed independently.
     tok = dm.tokenizer
-    greedy = generate_responses(m.policy, [p.prompt_ids for p in dm.val_pairs[:30]],
+    greedy = generate_responses(m.pair.policy, [p.prompt_ids for p in dm.val_pairs[:30]],
                                 SamplingOptions(num_samples=1, greedy=True, max_new_tokens=8),
                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                 seed=0, progress=False)
@@ -55,9 +49,9 @@ def test_at_init_policy_ties_reference_and_kl_is_zero(setup):
 def test_kl_is_positive_once_the_policy_moves(setup):
     dm, m = setup
     with torch.no_grad():
-        for p in m.policy.parameters():
+        for p in m.pair.policy.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    metrics = EvaluationCallback(num_prompts=30, max_new_tokens=8).evaluate(dm, m)
+    metrics = EvaluationCallback(num_prompts=30, max_new_tokens=8).evaluate(dm, m.pair)
     assert metrics["val/kl"] > 0.01
 
 

@@ -1,4 +1,4 @@
-"""sail_lightning.experiments: the comparison's fixed starting point and its statistics.
+"""benchmarks.experiments: the comparison's fixed starting point and its statistics.
 
 The base policy is imperfect but better than random, the learned reward model agrees with
 the oracle more than chance, and the win-rate / confidence-interval helpers give hand values.
@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from sail_lightning.evaluation import win_rate
-from sail_lightning.experiments import (
+from benchmarks.experiments import (
     METHODS,
     markdown_table,
     mean_ci,
@@ -19,9 +18,10 @@ from sail_lightning.experiments import (
     train_base_policy,
     train_reward_model,
 )
-from sail_lightning.experiments.base import _fresh_causal_lm, greedy_reward, load_policy, read_pairs
-from sail_lightning.experiments.report import t_quantile_975
-from sail_lightning.experiments.runs import budget_args, cli_args, write_overlay
+from benchmarks.experiments.base import fresh_causal_lm, greedy_reward, load_policy, read_pairs
+from benchmarks.experiments.report import t_quantile_975
+from benchmarks.experiments.runs import budget_args, cli_args, write_overlay
+from sail_lightning.evaluation import win_rate
 from sail_lightning.synthetic import SyntheticTask
 
 
@@ -41,7 +41,7 @@ def test_base_policy_is_imperfect_but_better_than_random(setup):
     prompts = task.sample_prompts(256, seed=123)
     model, tok = load_policy(setup["base"]["path"])
     _, trained = greedy_reward(model, tok, prompts, task)
-    _, random_init = greedy_reward(_fresh_causal_lm(tok, seed=0).eval(), tok, prompts, task)
+    _, random_init = greedy_reward(fresh_causal_lm(tok, seed=0).eval(), tok, prompts, task)
     assert float(random_init.mean()) < float(trained.mean()) < 1.0
     assert float(trained.mean()) < 0.9  # room left to improve
     assert win_rate(trained, random_init) > 0.8

@@ -82,7 +82,7 @@ def test_fsdp2_shard_checkpoint_leaves_out_the_reference_and_resumes_exactly(sha
     tmp, uninterrupted = sharded
     kept = resume_matches(tmp, uninterrupted)
     full = set(full_model(lora=False).state_dict())
-    reference = {k for k in full if k.startswith("reference.")}
+    reference = {k for k in full if k.startswith("pair.reference.")}
     assert reference and kept == full - reference  # the reference is rebuilt from init_seed
 
 
@@ -95,7 +95,8 @@ def test_fsdp2_shard_lora_checkpoint_holds_the_adapter_only_and_resumes_exactly(
                         callbacks=[SAVE_EVERY_EPOCH])
     kept = resume_matches(tmp_path, uninterrupted, *args)
     module = full_model(lora=True)
-    adapter = {f"policy.{n}" for n, p in module.policy.named_parameters() if p.requires_grad}
+    adapter = {f"pair.policy.{n}" for n, p in module.pair.policy.named_parameters()
+               if p.requires_grad}
     assert adapter and kept == adapter  # the base weights are rebuilt from init_seed
     weights = module.state_dict()
     assert sum(weights[k].numel() for k in kept) < 0.1 * sum(w.numel() for w in weights.values())
@@ -113,9 +114,9 @@ class ReferenceAtUpdate(L.Callback):
         if trainer.current_epoch + 1 >= trainer.max_epochs:
             return  # no update after the last epoch
         dm = trainer.datamodule
-        policy, reference = pl_module.pair_logprobs(dm.train_pairs[: self.pairs])
+        policy, reference = pl_module.pair.pair_logprobs(dm.train_pairs[: self.pairs])
         self.updates.append({"policy": policy.tolist(), "reference": reference.tolist(),
-                             "cached": dm.offline_ref[: self.pairs].tolist()})
+                             "cached": dm.pool.offline_ref[: self.pairs].tolist()})
 
     def on_train_end(self, trainer, pl_module) -> None:
         os.makedirs(self.path, exist_ok=True)

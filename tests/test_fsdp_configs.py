@@ -93,16 +93,21 @@ def test_shard_fsdp2_config_parses(capsys):
 def test_fsdp_strategy_refuses_two_checkpointing_mechanisms():
     from sail_lightning.distributed import SAILFSDPStrategy
 
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.policy = tiny()
+
     class Fake(torch.nn.Module):
         hparams = {"gradient_checkpointing": True}
 
         def __init__(self):
             super().__init__()
-            self.policy = tiny()
+            self.pair = Pair()
 
     strategy = SAILFSDPStrategy(checkpoint_layers=True)
     with pytest.raises(ValueError, match="gradient_checkpointing"):
-        strategy._setup_model(Fake())
+        strategy._setup_model(Fake())  # the strategy hook Lightning calls (FSDP refuses CPU)
 
 
 @pytest.mark.parametrize("name", ["SAILFSDPStrategy", "SAILModelParallelStrategy"])
@@ -122,15 +127,12 @@ def test_fsdp1_lora_reference_update_is_refused_before_training():
 
     from sail_lightning.callbacks import check_reference_update
     from sail_lightning.distributed import SAILFSDPStrategy
-    from sail_lightning.module import SAILModule
 
-    lora = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lora=LoraOptions(r=2))
-    full = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic")
     with pytest.raises(ValueError, match="update_reference.*fsdp2.yaml"):
-        check_reference_update(SAILFSDPStrategy(), lora, update_reference=True)
-    check_reference_update(SAILFSDPStrategy(), lora, update_reference=False)
-    check_reference_update(SAILFSDPStrategy(), full, update_reference=True)
-    check_reference_update(ModelParallelStrategy(), lora, update_reference=True)
+        check_reference_update(SAILFSDPStrategy(), lora=True, update_reference=True)
+    check_reference_update(SAILFSDPStrategy(), lora=True, update_reference=False)
+    check_reference_update(SAILFSDPStrategy(), lora=False, update_reference=True)
+    check_reference_update(ModelParallelStrategy(), lora=True, update_reference=True)
 
 
 def test_fsdp1_like_flat_adapter_shards_make_the_reference_update_fail_loudly():
@@ -140,8 +142,8 @@ def test_fsdp1_like_flat_adapter_shards_make_the_reference_update_fail_loudly():
 
     module = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lora=LoraOptions(r=2))
     module.configure_model()
-    name, param = next((n, p) for n, p in module.policy.named_parameters()
+    name, param = next((n, p) for n, p in module.pair.policy.named_parameters()
                        if ".default." in n and "lora_B" in n)
     param.data = param.data.flatten()[: param.shape[-1]].clone()  # broadcastable, wrong
     with pytest.raises(RuntimeError, match="shape.*fsdp2.yaml"):
-        module.update_reference()
+        module.pair.update_reference()

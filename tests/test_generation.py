@@ -164,6 +164,7 @@ def _state(model):
 def test_eval_and_no_checkpointing_during_then_restored(tiny_llama):
     tiny_llama.train()
     tiny_llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    # transformers keeps each layer's checkpoint function in this private attribute only.
     funcs = {n: m._gradient_checkpointing_func for n, m in tiny_llama.named_modules()
              if hasattr(m, "_gradient_checkpointing_func")}
     tiny_llama.model.norm.eval()  # kept in eval on purpose: must stay so

@@ -11,13 +11,12 @@ from sail_lightning.labellers import (
     CallableLabeller,
     Labeller,
     Labels,
-    OracleLabeller,
     PairwiseRankerLabeller,
     RewardModelLabeller,
     resolve_callable,
 )
 from sail_lightning.models import QuantizationOptions
-from sail_lightning.synthetic import SyntheticTask
+from sail_lightning.synthetic import OracleLabeller, SyntheticTask
 
 # Mixed lengths, so a batch needs padding; the last pair is a tie for the callable tests.
 PROMPTS = ["d a c b =", "b a =", "e e f c a b d g =", "c b ="]
@@ -372,7 +371,7 @@ def test_oracle_sampled_frequency_and_seed():
          "init_args": {"ranker": "tests.test_labellers:my_ranker", "sample": True, "seed": 3}},
         {"class_path": "sail_lightning.labellers.CallableLabeller",
          "init_args": {"fn": "tests.test_labellers.length_score"}},
-        {"class_path": "sail_lightning.labellers.OracleLabeller",
+        {"class_path": "sail_lightning.synthetic.OracleLabeller",
          "init_args": {"task": {"temperature": 0.5}, "sample": False}},
     ],
     ids=lambda c: c["class_path"].rsplit(".", 1)[-1],
@@ -426,3 +425,34 @@ def test_reseed_restarts_the_random_draws():
     oracle.label(prompts, a, b)  # advance the stream
     oracle.reseed(1)
     assert torch.equal(oracle.label(prompts, a, b).a_preferred, first)
+
+
+# -- the policy's own labels (SAIL-PP) ---------------------------------------------------------
+
+
+def test_pp_labels_are_the_policys_own_bradley_terry_draws():
+    from sail_lightning.data.tokenize import TokenizedPair
+    from sail_lightning.labellers import PolicyLabeller
+    from tests.helpers import datamodule, module
+
+    m, dm = module(beta=1.0), datamodule(num_synthetic_pairs=120, val_fraction=0.1)
+    prompts = [p.prompt_ids for p in dm.train_pairs[:40]]
+    samples = [[p.chosen_ids, p.rejected_ids] for p in dm.train_pairs[:40]]
+
+    def label(seed, bs):
+        return PolicyLabeller(m.pair, 1.0, seed=seed, batch_size=bs).label_ids(
+            prompts, [s[0] for s in samples], [s[1] for s in samples]).a_preferred
+
+    labels = label(5, 16)
+    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in dm.train_pairs[:40]]
+    pol, ref = m.pair.pair_logprobs(pairs)
+    h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    expected = torch.bernoulli(torch.sigmoid(1.0 * h.double()),
+                               generator=torch.Generator().manual_seed(5)).bool()
+    assert torch.equal(labels, expected)
+    assert torch.equal(labels, label(5, 7))
+    # The same labeller on text: tokenized like the DataModule, same draws.
+    records = dm.train_records[:40]
+    text = PolicyLabeller(m.pair, 1.0, dm.tokenizer, seed=5).label(
+        [r.prompt for r in records], [r.chosen for r in records], [r.rejected for r in records])
+    assert torch.equal(text.a_preferred, labels)

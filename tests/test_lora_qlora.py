@@ -44,9 +44,9 @@ def test_lora_and_qlora_train_only_the_adapters(tiny_model_dir, tmp_path, quanti
                    quantization=QLORA if quantized else None,
                    gradient_checkpointing=checkpointing)
     m.configure_model()
-    before = snapshot(m.policy)
+    before = snapshot(m.pair.policy)
     fit(m, tmp_path, steps=3)
-    after = snapshot(m.policy)
+    after = snapshot(m.pair.policy)
     assert before.keys() == after.keys()
     changed = {k for k in before if not same_bits(before[k], after[k])}
     # Only adapter weights moved; every lora_B left its zero init.
@@ -56,7 +56,7 @@ def test_lora_and_qlora_train_only_the_adapters(tiny_model_dir, tmp_path, quanti
     frozen = [k for k in before if "lora_" not in k]
     assert frozen and all(same_bits(before[k], after[k]) for k in frozen)
 
-    layers = [mod for name, mod in m.policy.named_modules() if name.endswith(LINEARS)]
+    layers = [mod for name, mod in m.pair.policy.named_modules() if name.endswith(LINEARS)]
     assert len(layers) == len(LINEARS) * 2
     for layer in layers:
         base = layer.base_layer
@@ -69,13 +69,13 @@ def test_lora_and_qlora_train_only_the_adapters(tiny_model_dir, tmp_path, quanti
 
     # Reference = the policy with its adapters off = the base loaded separately.
     batch = a_batch()
-    ref, _ = m.reference_logprobs(batch)
+    ref, _ = m.pair.reference_logprobs(batch)
     with torch.no_grad():
         expected, _ = concatenated_logprobs(load_base(tiny_model_dir, quantized), batch)
     torch.testing.assert_close(ref, expected, rtol=0, atol=0)
-    m.policy.eval()
+    m.pair.policy.eval()
     with torch.no_grad():
-        pol, _ = concatenated_logprobs(m.policy, batch)
+        pol, _ = concatenated_logprobs(m.pair.policy, batch)
     assert not torch.allclose(pol, expected)
 
 
@@ -93,49 +93,49 @@ def test_qlora_update_reference_copies_the_adapter_without_merging(tiny_model_di
     m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA)
     m.configure_model()
     with torch.no_grad():
-        for p in m.policy.parameters():
+        for p in m.pair.policy.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    base = {k: v for k, v in snapshot(m.policy).items() if "lora_" not in k}
+    base = {k: v for k, v in snapshot(m.pair.policy).items() if "lora_" not in k}
     assert_reference_becomes_the_policy(m, synthetic_pairs(6))
-    params = dict(m.policy.named_parameters())
+    params = dict(m.pair.policy.named_parameters())
     trainable = [n for n, p in params.items() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)
     for name in trainable:
         assert torch.equal(params[name], params[name.replace(".default.", ".reference.")])
-    after = snapshot(m.policy)
+    after = snapshot(m.pair.policy)
     assert all(same_bits(v, after[k]) for k, v in base.items())  # nothing merged
     assert all(isinstance(mod.base_layer, bnb.nn.Linear4bit)
-               for n, mod in m.policy.named_modules() if n.endswith(LINEARS))
+               for n, mod in m.pair.policy.named_modules() if n.endswith(LINEARS))
 
 
 def test_qlora_eval_forwards_leave_the_weights_trainable(tiny_model_dir):
     # Online rounds and validation run eval-mode forwards between training steps.
     m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA)
     m.configure_model()
-    before = snapshot(m.policy)
+    before = snapshot(m.pair.policy)
     batch = a_batch()
 
     def train_forward():
-        m.policy.train()
-        m.policy.zero_grad()
-        lp, _ = concatenated_logprobs(m.policy, batch)
+        m.pair.policy.train()
+        m.pair.policy.zero_grad()
+        lp, _ = concatenated_logprobs(m.pair.policy, batch)
         lp.sum().backward()
-        grads = [p.grad.clone() for n, p in m.policy.named_parameters() if "lora_B" in n]
+        grads = [p.grad.clone() for n, p in m.pair.policy.named_parameters() if "lora_B" in n]
         return lp.detach(), grads
 
     lp0, grads0 = train_forward()
-    _, ref = m.pair_logprobs(synthetic_pairs(6), policy=False)  # eval mode, no grad
-    m.policy.eval()
+    _, ref = m.pair.pair_logprobs(synthetic_pairs(6), policy=False)  # eval mode, no grad
+    m.pair.policy.eval()
     with torch.no_grad():
-        lp_eval, _ = concatenated_logprobs(m.policy, batch)
+        lp_eval, _ = concatenated_logprobs(m.pair.policy, batch)
     lp1, grads1 = train_forward()
     torch.testing.assert_close(lp_eval, lp0, rtol=0, atol=0)
     torch.testing.assert_close(lp1, lp0, rtol=0, atol=0)
     assert all(g.abs().sum() > 0 for g in grads1)
     for a, b in zip(grads0, grads1, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    after = snapshot(m.policy)
+    after = snapshot(m.pair.policy)
     assert all(same_bits(v, after[k]) for k, v in before.items())
 
 
@@ -143,19 +143,19 @@ def test_qlora_separate_reference_is_4bit_frozen_and_left_out_of_checkpoints(tin
     m = SAILModule(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(
         tiny_model_dir), lora=LORA, quantization=QLORA)
     m.configure_model()
-    layers = [mod for n, mod in m.reference.named_modules() if n.endswith(LINEARS)]
+    layers = [mod for n, mod in m.pair.reference.named_modules() if n.endswith(LINEARS)]
     assert layers and all(isinstance(x, bnb.nn.Linear4bit) for x in layers)
-    assert not any(p.requires_grad for p in m.reference.parameters())
+    assert not any(p.requires_grad for p in m.pair.reference.parameters())
     batch = a_batch()
-    ref, _ = m.reference_logprobs(batch)
-    separate, m.reference = m.reference, None  # now the policy with its adapters off
-    torch.testing.assert_close(ref, m.reference_logprobs(batch)[0], rtol=0, atol=0)
-    m.reference = separate
+    ref, _ = m.pair.reference_logprobs(batch)
+    separate, m.pair.reference = m.pair.reference, None  # now the policy with its adapters off
+    torch.testing.assert_close(ref, m.pair.reference_logprobs(batch)[0], rtol=0, atol=0)
+    m.pair.reference = separate
     checkpoint = {"state_dict": m.state_dict()}
-    assert any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("pair.reference.") for k in checkpoint["state_dict"])
     m.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"]
-    assert all(".lora_" in k and k.startswith("policy.") for k in checkpoint["state_dict"])
+    assert all(".lora_" in k and k.startswith("pair.policy.") for k in checkpoint["state_dict"])
 
 
 @pytest.mark.parametrize("kwargs,names", [
@@ -204,93 +204,7 @@ def test_qlora_and_export_are_expressible_in_yaml(tiny_model_dir, tmp_path):
     assert not (tmp_path / "policy" / "model.safetensors").exists()
 
 
-# -- export ------------------------------------------------------------------------------------
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"],
-                     attention_mask=batch["attention_mask"]).logits
-
-
-def fit_and_export(module, tmp_path, **callback_kw):
-    from sail_lightning.export import ExportPolicyCallback
-
-    callback = ExportPolicyCallback(**callback_kw)
-    fit(module, tmp_path, steps=3, callbacks=[callback])
-    return callback
-
-
-def test_export_merged_lora_loads_as_a_plain_model(tiny_model_dir, tmp_path, synthetic_tokenizer):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sail_lightning.export import export_policy
-
-    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2)
-    cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "policy"))
-    assert cb.kind == "merged" and (tmp_path / "policy" / "model.safetensors").exists()
-    batch = a_batch()
-    m.policy.eval()
-    expected = logits(m.policy, batch)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
-    torch.testing.assert_close(logits(exported, batch), expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits(load_base(tiny_model_dir, False), batch), expected)
-    # Merged into a copy: the module's policy still has its (unmerged) adapter.
-    assert hasattr(m.policy, "peft_config")
-    torch.testing.assert_close(logits(m.policy, batch), expected, rtol=0, atol=0)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    assert tok("a b =")["input_ids"] == synthetic_tokenizer("a b =")["input_ids"]
-    # With a reference adapter beside it (iterative methods), only the policy's is merged.
-    m.update_reference()
-    with torch.no_grad():
-        for n, p in m.policy.named_parameters():
-            if ".default." in n:
-                p.add_(0.05)
-    assert export_policy(m, str(tmp_path / "policy2")) == "merged"
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "policy2").eval()
-    m.policy.eval()
-    torch.testing.assert_close(logits(again, batch), logits(m.policy, batch), atol=1e-5,
-                               rtol=1e-5)
-
-
-def test_export_lora_adapter_only_loads_with_peft(tiny_model_dir, tmp_path):
-    from peft import PeftModel
-
-    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, lr=1e-2)
-    cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "adapter"), merge_lora=False)
-    assert cb.kind == "adapter"
-    assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    loaded = PeftModel.from_pretrained(load_base(tiny_model_dir, False), tmp_path / "adapter")
-    batch = a_batch()
-    m.policy.eval()
-    torch.testing.assert_close(logits(loaded.eval(), batch), logits(m.policy, batch))
-
-
-def test_export_qlora_saves_the_adapter_and_says_why(tiny_model_dir, tmp_path, caplog):
-    from peft import PeftModel
-
-    m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LORA, quantization=QLORA,
-                   lr=1e-2)
-    with caplog.at_level("WARNING", logger="sail_lightning.export"):
-        cb = fit_and_export(m, tmp_path, dirpath=str(tmp_path / "q"), merge_lora=True)
-    assert cb.kind == "adapter" and "re-quantize" in caplog.text
-    assert (tmp_path / "q" / "base_quantization.json").exists()
-    loaded = PeftModel.from_pretrained(load_base(tiny_model_dir, True), tmp_path / "q").train()
-    batch = a_batch()
-    m.policy.train()  # as load_base: bitsandbytes' standard (training) CPU path, dropout 0
-    torch.testing.assert_close(logits(loaded, batch), logits(m.policy, batch), rtol=0, atol=0)
-
-
-def test_export_full_finetuning_to_the_default_folder(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    m = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic", lr=1e-2)
-    cb = fit_and_export(m, tmp_path)
-    assert cb.kind == "full" and cb.saved_to == str(tmp_path / "policy")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
-    batch = a_batch()
-    m.policy.eval()
-    torch.testing.assert_close(logits(exported, batch), logits(m.policy, batch), rtol=0, atol=0)
+# -- QLoRA in bf16 ------------------------------------------------------------------------------
 
 
 def bf16_qlora(path) -> SAILModule:
@@ -321,7 +235,7 @@ def test_qlora_bf16_keeps_the_embeddings_in_bf16(tmp_path, synthetic_tokenizer, 
     # layer whose values are bf16 values (Llama-3-8B: 4.2 GB instead of 2.1 GB).
     save_tiny_llama(tmp_path, synthetic_tokenizer, hidden_size=32, seed=0,
                     tie_word_embeddings=tied)
-    policy = bf16_qlora(tmp_path).policy
+    policy = bf16_qlora(tmp_path).pair.policy
     embed, head = policy.get_input_embeddings(), policy.get_output_embeddings()
     assert embed.weight.dtype == head.weight.dtype == torch.bfloat16
     assert (embed.weight is head.weight) == tied  # casting kept the tie (one tensor)
@@ -332,7 +246,7 @@ def test_qlora_bf16_keeps_the_embeddings_in_bf16(tmp_path, synthetic_tokenizer, 
 
 def test_qlora_bf16_log_probs_match_peft_preparation_and_run_without_autocast(tiny_model_dir):
     batch = a_batch()
-    ours, theirs = bf16_qlora(tiny_model_dir).policy, peft_prepared_bf16(tiny_model_dir)
+    ours, theirs = bf16_qlora(tiny_model_dir).pair.policy, peft_prepared_bf16(tiny_model_dir)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, _ = concatenated_logprobs(theirs, batch)
         mixed, _ = concatenated_logprobs(ours, batch)
@@ -355,9 +269,9 @@ def test_qlora_bf16_trains_the_adapters_under_bf16_mixed(tiny_model_dir, tmp_pat
                         quantization=QuantizationOptions(), gradient_checkpointing=True,
                         logprob_chunk_size=8, lr=1e-2)
     module.configure_model()
-    before = snapshot(module.policy)
+    before = snapshot(module.pair.policy)
     fit(module, tmp_path, steps=2, precision="bf16-mixed")
-    after = snapshot(module.policy)
+    after = snapshot(module.pair.policy)
     changed = {n for n in before if not same_bits(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
     assert any("lora_B" in n for n in changed)

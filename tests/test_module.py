@@ -4,49 +4,40 @@ import lightning as L
 import pytest
 import torch
 
-from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.models import LoraOptions
 from sail_lightning.module import SAILModule
-from tests.conftest import TINY_CONFIG
+from sail_lightning.objectives import Route
+from tests.helpers import collate, datamodule, module
 
 
 def tiny_module(**kw):
-    kw.setdefault("model_config", TINY_CONFIG)
-    kw.setdefault("tokenizer", "synthetic")
-    return SAILModule(**kw)
+    return module(configure=False, **kw)
 
 
 def batch_of(dm, n=4):
-    return next(iter(torch.utils.data.DataLoader(
-        [dm.train_dataloader().dataset[i] for i in range(n)], batch_size=n,
-        collate_fn=dm.train_dataloader().collate_fn)))
+    return collate(dm.train_pairs[:n])
 
 
 @pytest.fixture(scope="module")
 def dm():
-    d = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=64, batch_size=8,
-                             val_fraction=0.125, max_prompt_length=16, max_response_length=16)
-    d.setup("fit")
-    return d
+    return datamodule(val_fraction=0.125)
 
 
 def test_configure_model_is_idempotent_and_reference_frozen():
     m = tiny_module()
     m.configure_model()
-    policy = m.policy
+    policy = m.pair.policy
     m.configure_model()
-    assert m.policy is policy
-    assert not any(p.requires_grad for p in m.reference.parameters())
-    assert all(p.requires_grad for p in m.policy.parameters())
+    assert m.pair.policy is policy
+    assert not any(p.requires_grad for p in m.pair.reference.parameters())
+    assert all(p.requires_grad for p in m.pair.policy.parameters())
 
 
 def test_local_path_loads_like_a_hub_name_and_reference_starts_equal(tiny_model_dir, dm):
     m = SAILModule(model_name_or_path=str(tiny_model_dir))  # tokenizer defaults to the path
     m.configure_model()
-    batch = batch_of(dm)
-    lp_c, lp_r, ref_c, ref_r = m._logprobs(batch)
-    torch.testing.assert_close(lp_c, ref_c)
-    torch.testing.assert_close(lp_r, ref_r)
+    lp, ref = m.logprobs(batch_of(dm))
+    torch.testing.assert_close(lp, ref)
 
 
 def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir, dm):
@@ -55,12 +46,12 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir,
     m = SAILModule(model_name_or_path=str(tiny_model_dir), lora=LoraOptions(r=4, alpha=8,
                    dropout=0.0))
     m.configure_model()
-    assert m.reference is None
-    trainable = [n for n, p in m.policy.named_parameters() if p.requires_grad]
+    assert m.pair.reference is None
+    trainable = [n for n, p in m.pair.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # Move the adapters away from their zero init, so policy and reference differ.
     with torch.no_grad():
-        for n, p in m.policy.named_parameters():
+        for n, p in m.pair.policy.named_parameters():
             if "lora_B" in n:
                 p.normal_()
     batch = batch_of(dm)
@@ -69,10 +60,10 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir,
 
     with torch.no_grad():
         expected, _ = concatenated_logprobs(base, batch)
-    ref, _ = m.reference_logprobs(batch)
+    ref, _ = m.pair.reference_logprobs(batch)
     torch.testing.assert_close(ref, expected)
-    m.policy.eval()
-    pol, _ = concatenated_logprobs(m.policy, batch)
+    m.pair.policy.eval()
+    pol, _ = concatenated_logprobs(m.pair.policy, batch)
     assert not torch.allclose(pol, expected)
 
 
@@ -81,10 +72,10 @@ class GradCapture(L.Callback):
         self.grads, self.norms = [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append([p.grad.detach().clone() for p in pl_module.policy.parameters()])
+        self.grads.append([p.grad.detach().clone() for p in pl_module.pair.policy.parameters()])
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        grads = [p.grad for p in pl_module.pair.policy.parameters() if p.grad is not None]
         if grads:  # after clipping, before the next zero_grad
             self.norms.append(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g) for g in grads])).item())
@@ -92,15 +83,14 @@ class GradCapture(L.Callback):
 
 def fit_once(batch_size, accumulate, clip=None, mix_dp=0.0, coef_dp=0.0):
     L.seed_everything(0)
-    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=80, batch_size=batch_size,
-                              val_fraction=0.0, mix_dp=mix_dp, max_prompt_length=16,
-                              max_response_length=16)
+    dm = datamodule(setup=False, num_synthetic_pairs=80, batch_size=batch_size,
+                    val_fraction=0.0, mix_dp=mix_dp)
     cap = GradCapture()
     trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate,
                         gradient_clip_val=clip, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cap],
                         limit_val_batches=0)
-    trainer.fit(tiny_module(coef_dp=coef_dp, lr=1e-3), datamodule=dm)
+    trainer.fit(tiny_module(coef_dp=coef_dp), datamodule=dm)
     return cap
 
 
@@ -133,7 +123,6 @@ def test_bad_options_name_the_option(kwargs, option):
 
 def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, tmp_path):
     import sail_lightning.objectives as objectives
-    from sail_lightning.objectives import Route
 
     calls = []
     real = objectives.preference_metrics
@@ -149,11 +138,11 @@ def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, t
     batch["route"] = torch.tensor([Route.DPO, Route.DP, Route.PP, Route.PR] * 2)
 
     def step(logging):
-        m._logging_step = lambda: logging
+        m.logging_step = lambda: logging
         m.zero_grad()
         loss = m.training_step(batch, 3)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in m.policy.parameters()]
+        return loss.detach(), [p.grad.clone() for p in m.pair.policy.parameters()]
 
     loss_off, grads_off = step(False)
     assert calls == [] and logged == []  # no metric computed on a step the logger skips
@@ -169,12 +158,49 @@ def test_grad_norm_is_logged_on_logging_steps_only_and_is_the_total_norm(dm, tmp
     m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
     logged = {}
     m.log = lambda name, value, **k: logged.__setitem__(name, value)
-    m._logging_step = lambda: False
+    m.logging_step = lambda: False
     m.training_step(batch_of(dm, 8), 0).backward()
     m.on_before_optimizer_step(None)
     assert logged == {}
-    m._logging_step = lambda: True
+    m.logging_step = lambda: True
     m.on_before_optimizer_step(None)
-    grads = [p.grad.flatten() for p in m.policy.parameters() if p.grad is not None]
+    grads = [p.grad.flatten() for p in m.pair.policy.parameters() if p.grad is not None]
     expected = torch.linalg.vector_norm(torch.cat(grads))
     torch.testing.assert_close(logged["train/grad_norm"], expected)
+
+
+def test_bonus_term_is_added_to_the_loss(dm, tmp_path):
+    from sail_lightning.data.tokenize import TokenizedPair
+
+    m = module(bonus_alpha=0.5, bonus_form="selm")
+    bonus = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, bonus_ids=p.chosen_ids)
+             for p in dm.train_pairs[:4]]
+    batch = collate(bonus, Route.PR)
+    assert batch["input_ids"].shape[0] == 12 and batch["bonus_mask"].all()
+    m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    lp, ref = m.logprobs(batch)
+    expected = 0.5 * 0.1 * (lp[8:] - ref[8:]).mean()
+    m.log = lambda *a, **k: None
+    m.log_dict = lambda *a, **k: None
+    with_bonus = m.training_step(batch, 0)
+    m.hparams.bonus_alpha = 0.0
+    without = m.training_step(batch, 0)
+    torch.testing.assert_close(with_bonus - without, expected)
+
+
+def test_ipo_trains_on_length_averaged_logprobs(dm):
+    m = module(loss_type="ipo")
+    batch = batch_of(dm)
+    lp, ref = m.logprobs(batch)
+    sums, ref_sums, counts = m.pair.logprobs(batch)
+    torch.testing.assert_close(lp, sums / counts)
+    torch.testing.assert_close(ref, ref_sums / counts)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(dm, tmp_path):
+    m = module()
+    batch = batch_of(dm, 2)
+    batch["ref_logps"] = torch.full((4,), float("nan"))
+    m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match="released_code"):
+        m.training_step(batch, 0)

@@ -110,8 +110,8 @@ def test_compare_methods_notebook_loads_saved_results(tmp_path, monkeypatch):
     assert "online DPO" in text and str(results) in text  # the table, and where it came from
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sail_lightning.experiments") is None,
-                    reason="sail_lightning.experiments is not there")
+@pytest.mark.skipif(importlib.util.find_spec("benchmarks.experiments") is None,
+                    reason="benchmarks.experiments is not there")
 def test_compare_methods_notebook_runs_a_tiny_comparison(tmp_path, monkeypatch):
     # The quick comparison, on a tinier budget: two methods, 128 pairs per epoch, one seed.
     nb = execute("02_compare_methods.ipynb", tmp_path, monkeypatch, SAIL_COMPARE_QUICK="1",
@@ -131,8 +131,8 @@ import sys
 
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "sail_lightning.experiments":
-            raise ModuleNotFoundError("sail_lightning.experiments blocked by the test")
+        if name == "benchmarks.experiments":
+            raise ModuleNotFoundError("benchmarks.experiments blocked by the test")
 
 
 sys.meta_path.insert(0, _Block())
@@ -140,7 +140,7 @@ sys.meta_path.insert(0, _Block())
 
 
 def test_compare_methods_notebook_explains_when_it_has_nothing_to_show(tmp_path, monkeypatch):
-    # No results file and no sail_lightning.experiments (a sitecustomize in the kernel's
+    # No results file and no benchmarks.experiments (a sitecustomize in the kernel's
     # PYTHONPATH blocks it): the notebook still runs, says what to do, and draws nothing.
     block = tmp_path / "block"
     block.mkdir()

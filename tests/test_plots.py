@@ -126,7 +126,7 @@ def bars_of(ax) -> BarContainer:
 
 
 def compare_results():
-    """The shape of sail_lightning.experiments.compare()'s return value (the parts used)."""
+    """The shape of benchmarks.experiments.compare()'s return value (the parts used)."""
     def stat(mean, ci95, n=3):
         return {"mean": mean, "ci95": ci95, "n": n, "values": []}
 

@@ -9,12 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sail_lightning.synthetic import (
-    SYNTHETIC_TOKENIZER,
-    SyntheticTask,
-    build_tokenizer,
-    tiny_llama_config,
-)
+from sail_lightning.synthetic import SYNTHETIC_TOKENIZER, SyntheticTask, tiny_llama_config
+from sail_lightning.tokenizer import build_tokenizer
 
 TASK = SyntheticTask()
 PROMPT = "d a c b ="  # ideal "a b c d", length 4
@@ -198,24 +194,6 @@ def test_tokenizer_round_trip(tmp_path):
     assert loaded.get_vocab() == tok.get_vocab()
     assert loaded.pad_token == "<pad>" and loaded.padding_side == "right"
     assert loaded.chat_template is None
-
-
-def test_build_tokenizer(tmp_path):
-    tok = build_tokenizer(SYNTHETIC_TOKENIZER)
-    assert tok.get_vocab() == TASK.build_tokenizer().get_vocab()
-    assert build_tokenizer("synthetic", padding_side="left").padding_side == "left"
-    tok.save_pretrained(tmp_path)
-    loaded = build_tokenizer(str(tmp_path))
-    assert loaded.get_vocab() == tok.get_vocab()
-    assert loaded.pad_token_id == 0
-
-
-def test_build_tokenizer_sets_pad_from_eos(tmp_path):
-    tok = TASK.build_tokenizer()
-    tok.pad_token = None
-    tok.save_pretrained(tmp_path)
-    loaded = build_tokenizer(str(tmp_path))
-    assert loaded.pad_token == "<eos>" and loaded.pad_token_id == 2
 
 
 def test_tiny_llama_forward():

@@ -227,8 +227,9 @@ def test_sample_rows_spread_over_the_round():
 
 
 def fake_trainer(loggers, rank=0, current_round=0, pairs=None):
-    dm = SimpleNamespace(current_round=current_round,
-                         round_pairs=[pair(i) for i in range(3)] if pairs is None else pairs)
+    pool = SimpleNamespace(current_round=current_round,
+                           pairs=[pair(i) for i in range(3)] if pairs is None else pairs)
+    dm = SimpleNamespace(pool=pool)
     return SimpleNamespace(datamodule=dm, loggers=loggers, is_global_zero=rank == 0,
                            global_step=5)
 
@@ -243,7 +244,7 @@ def test_callback_logs_each_new_round_once_on_rank_zero_only():
     args, kwargs = wb.log_table.call_args
     assert args == ("gen/samples",) and kwargs["columns"] == COLUMNS
     assert len(kwargs["data"]) == 2 and kwargs["step"] == 5
-    trainer.datamodule.current_round = 1
+    trainer.datamodule.pool.current_round = 1
     cb.on_train_epoch_start(trainer, None)
     assert wb.log_table.call_count == 2
 

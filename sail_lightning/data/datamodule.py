@@ -8,9 +8,18 @@ import os
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from sail_lightning.data.pool import OnlinePair, read_round, round_path, write_round
+from sail_lightning.data.loaders import EpochView, PairDataset, ResumableDataLoader
+from sail_lightning.data.mixture import (
+    OFFLINE,
+    EpochCounts,
+    RoundPlan,
+    epoch_counts,
+    plan_epoch,
+    plan_round,
+)
+from sail_lightning.data.pool import OnlinePool
 from sail_lightning.data.records import (
     PreferenceRecord,
     ReadStats,
@@ -19,91 +28,13 @@ from sail_lightning.data.records import (
     records_from_dicts,
 )
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, tokenize_records
+from sail_lightning.labellers import Labeller
 from sail_lightning.objectives import Route
 
 log = logging.getLogger("sail_lightning.data")
 
 SYNTHETIC_SOURCE = "synthetic"
 _BAD_RECORD_MODES = ("error", "skip")
-
-
-class PairDataset(Dataset):
-    """Tokenized pairs, each with its route for the current epoch."""
-
-    def __init__(self, pairs: list[TokenizedPair], routes: torch.Tensor) -> None:
-        self.pairs = pairs
-        self.routes = routes
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.pairs[i].example(int(self.routes[i]))
-
-
-class EpochView(Dataset):
-    """One epoch's mixture of offline and online pairs, composed on first access.
-
-    Its length is known from the configuration alone, so the DataLoader that Lightning
-    builds early (for ``estimated_stepping_batches``, before round 0 exists) stays valid;
-    the contents come from the pool as it is when the epoch starts.
-    """
-
-    def __init__(self, datamodule: PreferenceDataModule, epoch: int) -> None:
-        self.datamodule = datamodule
-        self.epoch = epoch
-        self._items: list[dict] | None = None
-
-    def __len__(self) -> int:
-        return self.datamodule.epoch_counts()["total"]
-
-    def __getitem__(self, i: int) -> dict:
-        if self._items is None:
-            self._items = self.datamodule.compose_epoch(self.epoch)
-        return self._items[i]
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning resumes mid-epoch exactly: it skips the batches already
-    trained on (Lightning saves and restores ``state_dict()`` of stateful loaders).
-
-    Lightning does not prefetch from a loader with a length (this one has one), so at a
-    checkpoint the batches yielded are the batches trained on (tests/test_resume.py checks
-    that the resumed losses equal the uninterrupted run's). Same ``__init__`` as DataLoader,
-    so Lightning can rebuild it with a DistributedSampler.
-    """
-
-    _skip = 0
-    _yielded = 0
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._yielded = 0
-        for batch in super().__iter__():
-            self._yielded += 1
-            if self._yielded > skip:
-                yield batch
-
-    def state_dict(self) -> dict:
-        return {"batches_trained": self._yielded}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._skip = int(state_dict.get("batches_trained", 0))
-
-
-def epoch_routes(
-    n: int, mix_dp: float, seed: int, epoch: int, k: int | None = None
-) -> torch.Tensor:
-    """Routes of the offline pairs for one epoch: ``k`` (default ``round(mix_dp * n)``) to DP.
-
-    Drawn from ``(seed, epoch)`` alone, so every rank, and a resumed run, agree.
-    """
-    routes = torch.full((n,), int(Route.DPO), dtype=torch.long)
-    k = round(mix_dp * n) if k is None else k
-    if k:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        routes[torch.randperm(n, generator=g)[:k]] = int(Route.DP)
-    return routes
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -143,6 +74,11 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: read at most this many records from ``source`` (quick experiments).
         num_synthetic_pairs: pairs made by the synthetic task when ``source="synthetic"``.
         num_workers: DataLoader workers.
+        oracle: the task's ground truth, a labeller whose scores are the true reward (the
+            synthetic task's ``sail_lightning.synthetic.OracleLabeller``, or a gold reward
+            model). It labels online pairs when ``PairGenerationCallback`` names no labeller,
+            judges ``EvaluationCallback`` when it names no judge, and scores each round
+            (``gen/true_reward_mean``, ``gen/label_agreement``).
     """
 
     def __init__(
@@ -168,32 +104,13 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: int | None = None,
         num_synthetic_pairs: int = 4000,
         num_workers: int = 0,
+        oracle: Labeller | None = None,
     ) -> None:
         super().__init__()
-        # Fail on bad options here, before any model is loaded.
-        if on_bad_record not in _BAD_RECORD_MODES:
-            raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
-                             f"got {on_bad_record!r}")
-        for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{name} must be in [0, 1], got {value}")
-        if mix_dp + mix_pp + mix_pr > 1.0 + 1e-9:
-            raise ValueError("data.mix_dp + data.mix_pp + data.mix_pr must be <= 1, got "
-                             f"{mix_dp} + {mix_pp} + {mix_pr}")
-        if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
-            raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
-                             "(training on online pairs alone)")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        for name, value in (("max_prompt_length", max_prompt_length),
-                            ("max_response_length", max_response_length),
-                            ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        for name, path in (("source", source), ("val_source", val_source)):
-            if path and looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
-                raise FileNotFoundError(f"data.{name}: no such file or folder: {path}")
-        self.save_hyperparameters()
+        _validate(locals())  # bad options fail here, before any model is loaded
+        # The oracle is an object: a checkpoint's hparams must load with weights_only=True.
+        self.save_hyperparameters(ignore=["oracle"])
+        self.oracle = oracle
         self.tokenizer = None
         self.train_pairs: list[TokenizedPair] | None = None
         self.val_pairs: list[TokenizedPair] = []
@@ -201,9 +118,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self._restored: dict | None = None
         self.train_records: list[PreferenceRecord] = []
         self.val_records: list[PreferenceRecord] = []
-        self.offline_ref: torch.Tensor | None = None  # (n_offline, 2) reference log-probs
-        self.rounds: list[dict] = []  # {"round", "path", "pairs"} of every persisted round
-        self.round_pairs: list[OnlinePair] = []  # the latest round, trained on this epoch
+        self.pool = OnlinePool(pool_dir or "rounds")
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -231,11 +146,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self.stats["data/dropped"] = self.stats.get("data/dropped", 0) + sum(stats.dropped.values())
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if hp.pool_dir is None and getattr(self, "trainer", None) is not None:
+            self.pool.directory = _run_dir(self.trainer, "rounds")  # new rounds go to this run
         if self.train_pairs is not None:
             return  # idempotent: Lightning may call setup once per stage
-        from sail_lightning.synthetic import build_tokenizer
+        from sail_lightning.tokenizer import build_tokenizer
 
-        hp = self.hparams
         if hp.tokenizer is None:
             raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer "
                              "or model.model_name_or_path)")
@@ -275,7 +192,8 @@ class PreferenceDataModule(L.LightningDataModule):
         # one-process batch of the same size.
         hp = self.hparams
         trainer = getattr(self, "trainer", None)
-        view = EpochView(self, self._epoch())
+        epoch = self._epoch()
+        view = EpochView(self.epoch_counts().total, lambda: self.compose_epoch(epoch))
         sampler = None
         if trainer is not None and trainer.world_size > 1:
             sampler = DistributedSampler(view, num_replicas=trainer.world_size,
@@ -292,89 +210,6 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
         )
 
-    # -- the epoch mixture -----------------------------------------------------------------
-
-    def epoch_counts(self) -> dict[str, int]:
-        """Examples per route in every epoch (constant, so schedules can be planned)."""
-        hp = self.hparams
-        n_off = len(self.train_pairs or [])
-        online = hp.mix_pp + hp.mix_pr
-        if online >= 1.0 - 1e-9:
-            total, n_off = int(hp.online_pairs), 0
-        else:
-            total = round(n_off / (1.0 - online))
-        n_pp, n_pr = round(hp.mix_pp * total), round(hp.mix_pr * total)
-        if n_off:
-            n_pp = min(n_pp, total - n_off)
-            n_pr = total - n_off - n_pp
-        n_dp = min(round(hp.mix_dp * total), n_off)
-        return {"total": n_off + n_pp + n_pr, "offline": n_off, "dp": n_dp,
-                "dpo": n_off - n_dp, "pp": n_pp, "pr": n_pr}
-
-    def online_needed(self) -> dict[str, int]:
-        """Online pairs one epoch trains on, per route: what a round should generate."""
-        counts = self.epoch_counts()
-        return {"pp": counts["pp"], "pr": counts["pr"]}
-
-    def compose_epoch(self, epoch: int) -> list[dict]:
-        """The examples of one epoch, shuffled by ``(seed, epoch)``."""
-        hp = self.hparams
-        counts = self.epoch_counts()
-        items: list[dict] = []
-        if counts["offline"]:
-            routes = epoch_routes(counts["offline"], hp.mix_dp, hp.seed, epoch, k=counts["dp"])
-            for i, pair in enumerate(self.train_pairs):
-                if self.offline_ref is not None:
-                    ref = self.offline_ref[i].tolist()
-                    pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
-                                         ref[0], ref[1])
-                items.append(pair.example(int(routes[i])))
-        for route, key in ((Route.PP, "pp"), (Route.PR, "pr")):
-            if not counts[key]:
-                continue
-            pool = [p for p in self.round_pairs if p.route == route]
-            if not pool:
-                raise RuntimeError(
-                    f"data.mix_{key} > 0 but the pool has no {key.upper()} pairs: add "
-                    "PairGenerationCallback to trainer.callbacks (configs/method/*.yaml do)")
-            if len(pool) < counts[key]:
-                log.warning("round %d has %d %s pairs for %d slots: reusing pairs",
-                            self.rounds[-1]["round"], len(pool), key.upper(), counts[key])
-            items.extend(pool[i % len(pool)].pair.example(route) for i in range(counts[key]))
-        # A stream of its own: the route draw's permutation would put every DP row first.
-        g = torch.Generator().manual_seed(hp.seed * 1_000_003 + epoch + 500_009)
-        return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
-
-    # -- the online pool -------------------------------------------------------------------
-
-    @property
-    def current_round(self) -> int:
-        return self.rounds[-1]["round"] if self.rounds else -1
-
-    def round_prompts(self, n: int, round_index: int) -> list[int]:
-        """Indices into ``train_records`` of the prompts of one round, distinct prompts first."""
-        hp = self.hparams
-        g = torch.Generator().manual_seed(hp.seed * 7_919 + round_index)
-        order = torch.randperm(len(self.train_records), generator=g).tolist()
-        seen, distinct = set(), []
-        for i in order:
-            if self.train_records[i].prompt not in seen:
-                seen.add(self.train_records[i].prompt)
-                distinct.append(i)
-        return [distinct[k % len(distinct)] for k in range(n)]
-
-    def add_round(self, round_index: int, pairs: list[OnlinePair], *, write: bool = True) -> str:
-        """Store a round's pairs (identical on every rank); ``write`` on one rank only."""
-        pool_dir = self.hparams.pool_dir or self.pool_dir_default
-        path = os.path.abspath(round_path(pool_dir, round_index))
-        if write:
-            write_round(path, pairs)
-        self.rounds.append({"round": round_index, "path": path, "pairs": len(pairs)})
-        self.round_pairs = pairs
-        return path
-
-    pool_dir_default = "rounds"  # the callback points it into the run's log dir
-
     def val_dataloader(self) -> DataLoader:
         routes = torch.full((len(self.val_pairs),), int(Route.DPO), dtype=torch.long)
         return DataLoader(
@@ -385,6 +220,39 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
+    # -- the epoch mixture and the online rounds -------------------------------------------
+
+    def epoch_counts(self) -> EpochCounts:
+        """Examples per route in every epoch (``data.mixture.epoch_counts``)."""
+        hp = self.hparams
+        return epoch_counts(len(self.train_pairs or []), mix_dp=hp.mix_dp, mix_pp=hp.mix_pp,
+                            mix_pr=hp.mix_pr, online_pairs=hp.online_pairs)
+
+    def compose_epoch(self, epoch: int) -> list[dict]:
+        """The examples of one epoch (``data.mixture.plan_epoch``), with the offline pairs'
+        cached reference log-probs when the pool holds them."""
+        hp, pool = self.hparams, self.pool
+        plan = plan_epoch(self.epoch_counts(), [p.route for p in pool.pairs], mix_dp=hp.mix_dp,
+                          seed=hp.seed, epoch=epoch, round_index=pool.current_round)
+        items = []
+        for kind, i, route in plan:
+            if kind != OFFLINE:
+                items.append(pool.pairs[i].pair.example(route))
+                continue
+            pair = self.train_pairs[i]
+            if pool.offline_ref is not None:
+                ref = pool.offline_ref[i].tolist()
+                pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                     ref[0], ref[1])
+            items.append(pair.example(route))
+        return items
+
+    def plan_round(self, round_index: int, prompts_per_round: int | None = None) -> RoundPlan:
+        """The prompts (indices into ``train_records``) and routes of one round."""
+        return plan_round(self.epoch_counts(), [r.prompt for r in self.train_records],
+                          seed=self.hparams.seed, round_index=round_index,
+                          prompts_per_round=prompts_per_round)
+
     # -- checkpoint state ------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -394,17 +262,12 @@ class PreferenceDataModule(L.LightningDataModule):
             "train_pairs": len(self.train_pairs or []),
             "val_pairs": len(self.val_pairs),
             "fingerprint": getattr(self, "fingerprint", None),
-            # Paths, not pairs: the pairs are on disk, written before this state was saved.
-            "rounds": list(self.rounds),
+            **self.pool.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
-        self.rounds = list(state_dict.get("rounds", []))
-        self.round_pairs = read_round(self.rounds[-1]["path"]) if self.rounds else []
-        if self.rounds and len(self.round_pairs) != self.rounds[-1]["pairs"]:
-            raise ValueError(f"{self.rounds[-1]['path']}: {len(self.round_pairs)} pairs, the "
-                             f"checkpoint recorded {self.rounds[-1]['pairs']}")
+        self.pool.load_state_dict(state_dict)
         if self.train_pairs is not None:
             self._check_restored()
 
@@ -427,3 +290,43 @@ def _fingerprint(records: list[PreferenceRecord]) -> str:
         h.update(r.chosen.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _run_dir(trainer: L.Trainer, name: str) -> str:
+    """``<trainer.log_dir>/<name>``: the run's own folder."""
+    root = trainer.log_dir or trainer.default_root_dir
+    version = getattr(trainer.logger, "version", None) if trainer.logger else None
+    if version is not None and not os.path.basename(os.path.normpath(root)).endswith(
+            str(version)):
+        # Loggers whose log_dir is their shared save_dir (W&B): one folder per run, or a
+        # second run would overwrite the first one's rounds.
+        root = os.path.join(root, str(version))
+    return os.path.join(root, name)
+
+
+def _validate(args: dict) -> None:
+    """Option errors name the option, and come before any model is loaded."""
+    on_bad_record, online_pairs, val_fraction = (args["on_bad_record"], args["online_pairs"],
+                                                 args["val_fraction"])
+    mix_dp, mix_pp, mix_pr = args["mix_dp"], args["mix_pp"], args["mix_pr"]
+    if on_bad_record not in _BAD_RECORD_MODES:
+        raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
+                         f"got {on_bad_record!r}")
+    for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+    if mix_dp + mix_pp + mix_pr > 1.0 + 1e-9:
+        raise ValueError("data.mix_dp + data.mix_pp + data.mix_pr must be <= 1, got "
+                         f"{mix_dp} + {mix_pp} + {mix_pr}")
+    if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
+        raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
+                         "(training on online pairs alone)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    for name in ("max_prompt_length", "max_response_length", "batch_size"):
+        if args[name] < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {args[name]}")
+    for name in ("source", "val_source"):
+        path = args[name]
+        if path and looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
+            raise FileNotFoundError(f"data.{name}: no such file or folder: {path}")

@@ -1,10 +1,12 @@
-"""Online rounds: generated, labelled pairs, persisted so that a resume loses none."""
+"""The online pool: generated, labelled pairs, persisted so that a resume loses none."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
+
+import torch
 
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.objectives import Route
@@ -87,3 +89,51 @@ def read_round(path: str) -> list[OnlinePair]:
                                 "state) is missing: the generated pairs cannot be restored")
     with open(path, encoding="utf-8") as f:
         return [OnlinePair.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+class OnlinePool:
+    """The online pairs of a run, owned by the DataModule.
+
+    Every round is written to ``<directory>/round_NNNN.jsonl`` before it is trained on, the
+    latest round is held in memory (an epoch trains on it), and the offline pairs' reference
+    log-probs are kept beside it. Its state, saved in checkpoints, holds paths, not pairs:
+    the pairs are on disk, written before the state was saved.
+
+    Args:
+        directory: where round files go (the DataModule sets the run's default).
+    """
+
+    def __init__(self, directory: str = "rounds") -> None:
+        self.directory = directory
+        self.rounds: list[dict] = []  # {"round", "path", "pairs"} of every persisted round
+        self.pairs: list[OnlinePair] = []  # the latest round, trained on this epoch
+        self.offline_ref: torch.Tensor | None = None  # (n_offline, 2) reference log-probs
+
+    @property
+    def current_round(self) -> int:
+        return self.rounds[-1]["round"] if self.rounds else -1
+
+    def add_round(self, round_index: int, pairs: list[OnlinePair], *, write: bool = True) -> str:
+        """Stores a round's pairs (identical on every rank); ``write`` on one rank only."""
+        path = os.path.abspath(round_path(self.directory, round_index))
+        if write:
+            write_round(path, pairs)
+        self.rounds.append({"round": round_index, "path": path, "pairs": len(pairs)})
+        self.pairs = pairs
+        return path
+
+    def set_offline_reference(self, logprobs: torch.Tensor | None) -> None:
+        """Reference log-probs ``(n_offline, 2)`` of the offline pairs (chosen, rejected), or
+        None when they must be computed again (after a reference update or a restore)."""
+        self.offline_ref = logprobs
+
+    def state_dict(self) -> dict:
+        return {"rounds": list(self.rounds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the rounds and reads the latest one back from its file."""
+        self.rounds = list(state.get("rounds", []))
+        self.pairs = read_round(self.rounds[-1]["path"]) if self.rounds else []
+        if self.rounds and len(self.pairs) != self.rounds[-1]["pairs"]:
+            raise ValueError(f"{self.rounds[-1]['path']}: {len(self.pairs)} pairs, the "
+                             f"checkpoint recorded {self.rounds[-1]['pairs']}")

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from sail_lightning.data.datamodule import PreferenceDataModule, epoch_routes
+from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.objectives import Route
 from tests.conftest import SHARED_DATA, needs_shared
 
@@ -32,14 +32,6 @@ def test_synthetic_split_is_seeded_and_disjoint():
     train = {(tuple(p.prompt_ids), tuple(p.chosen_ids)) for p in a.train_pairs}
     assert not train & {(tuple(p.prompt_ids), tuple(p.chosen_ids)) for p in a.val_pairs}
     assert a.stats["data/train_pairs"] == 180 and a.stats["data/kept"] == 200
-
-
-def test_epoch_routes_exact_fraction_reproducible_and_new_each_epoch():
-    r0 = epoch_routes(1000, 0.4, seed=0, epoch=0)
-    assert int((r0 == Route.DP).sum()) == 400 and int((r0 == Route.DPO).sum()) == 600
-    assert torch.equal(r0, epoch_routes(1000, 0.4, seed=0, epoch=0))
-    assert not torch.equal(r0, epoch_routes(1000, 0.4, seed=0, epoch=1))
-    assert int((epoch_routes(10, 0.0, 0, 0) == Route.DPO).sum()) == 10
 
 
 def test_train_dataloader_cheap_idempotent_and_routed():

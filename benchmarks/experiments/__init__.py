@@ -2,19 +2,19 @@
 
 Importable from notebooks::
 
-    from sail_lightning.experiments import compare
+    from benchmarks.experiments import compare
     results = compare(["dpo", "sail_pr"], seeds=[0], quick=True, work_dir="runs/cmp")
 """
 
-from sail_lightning.experiments.base import (
+from benchmarks.experiments.base import (
     reward_model_agreement,
     sample_offline_pairs,
     train_base_policy,
     train_reward_model,
 )
-from sail_lightning.experiments.compare import FULL, QUICK, Budget, compare
-from sail_lightning.experiments.report import markdown_table, mean_ci
-from sail_lightning.experiments.runs import METHODS, evaluate_policy, run_method
+from benchmarks.experiments.compare import FULL, QUICK, Budget, compare
+from benchmarks.experiments.report import markdown_table, mean_ci
+from benchmarks.experiments.runs import METHODS, evaluate_policy, run_method
 
 __all__ = [
     "FULL", "METHODS", "QUICK", "Budget", "compare",

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sail_lightning.experiments.base import (
+from benchmarks.experiments.base import (
     greedy_reward,
     load_policy,
     read_pairs,
@@ -17,8 +17,8 @@ from sail_lightning.experiments.base import (
     train_base_policy,
     train_reward_model,
 )
-from sail_lightning.experiments.report import mean_ci
-from sail_lightning.experiments.runs import METHODS, evaluate_policy, quiet, run_method
+from benchmarks.experiments.report import mean_ci
+from benchmarks.experiments.runs import METHODS, evaluate_policy, quiet, run_method
 from sail_lightning.synthetic import SyntheticTask
 
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from sail_lightning.evaluation import win_rate
-from sail_lightning.experiments.base import greedy_reward, load_policy, read_pairs
+from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -41,7 +41,7 @@ def _tokenizer(task: SyntheticTask):
     return task.build_tokenizer()
 
 
-def _fresh_causal_lm(tok, seed: int):
+def fresh_causal_lm(tok, seed: int):
     return build_causal_lm(None, tiny_llama_config(tok, **MODEL_SIZE), tok, init_seed=seed)
 
 
@@ -87,7 +87,7 @@ def train_base_policy(out_dir: str, *, steps: int = 400, batch_size: int = 64,
     """
     task = task or SyntheticTask()
     tok = _tokenizer(task)
-    model = _fresh_causal_lm(tok, seed)
+    model = fresh_causal_lm(tok, seed)
     rng = random.Random(f"experiments.sft:{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))

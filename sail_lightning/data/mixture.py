@@ -1,0 +1,127 @@
+"""The epoch mixture, as pure plans: how many examples of each route an epoch holds, which
+examples they are and in what order, and what a round generates.
+
+Everything here is a function of the configuration, the seed and the epoch or round: every
+rank, and a resumed run, computes the same plan without communicating.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sail_lightning.objectives import Route
+
+log = logging.getLogger("sail_lightning.data")
+
+OFFLINE, ONLINE = "offline", "online"
+
+
+@dataclass(frozen=True)
+class EpochCounts:
+    """Examples per route in every epoch (constant, so schedules can be planned)."""
+
+    total: int
+    offline: int
+    dp: int
+    dpo: int
+    pp: int
+    pr: int
+
+    @property
+    def online(self) -> int:
+        return self.pp + self.pr
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round generates: a prompt per pair (indices into the training records)
+    and each pair's route (PP first, then PR, in the proportion an epoch trains on)."""
+
+    round_index: int
+    prompt_indices: list[int]
+    routes: list[int]
+
+
+def epoch_counts(n_offline: int, *, mix_dp: float, mix_pp: float, mix_pr: float,
+                 online_pairs: int | None = None) -> EpochCounts:
+    """Each epoch passes every offline pair once (as DPO or DP) and adds online pairs so
+    that their share is ``mix_pp + mix_pr``: ``n_offline / (1 - mix_pp - mix_pr)`` examples.
+    With ``mix_pp + mix_pr = 1`` an epoch is ``online_pairs`` online pairs alone."""
+    online = mix_pp + mix_pr
+    if online >= 1.0 - 1e-9:
+        total, n_off = int(online_pairs), 0
+    else:
+        total, n_off = round(n_offline / (1.0 - online)), n_offline
+    n_pp, n_pr = round(mix_pp * total), round(mix_pr * total)
+    if n_off:
+        n_pp = min(n_pp, total - n_off)
+        n_pr = total - n_off - n_pp
+    n_dp = min(round(mix_dp * total), n_off)
+    return EpochCounts(total=n_off + n_pp + n_pr, offline=n_off, dp=n_dp, dpo=n_off - n_dp,
+                       pp=n_pp, pr=n_pr)
+
+
+def epoch_routes(n: int, mix_dp: float, seed: int, epoch: int, k: int | None = None
+                 ) -> torch.Tensor:
+    """Routes of the offline pairs for one epoch: ``k`` (default ``round(mix_dp * n)``) to DP,
+    drawn from ``(seed, epoch)`` alone."""
+    routes = torch.full((n,), int(Route.DPO), dtype=torch.long)
+    k = round(mix_dp * n) if k is None else k
+    if k:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        routes[torch.randperm(n, generator=g)[:k]] = int(Route.DP)
+    return routes
+
+
+def plan_epoch(counts: EpochCounts, online_routes: list[int], *, mix_dp: float, seed: int,
+               epoch: int, round_index: int = -1) -> list[tuple[str, int, int]]:
+    """The examples of one epoch, shuffled by ``(seed, epoch)``: ``(OFFLINE, i, route)`` for
+    offline pair ``i``, ``(ONLINE, j, route)`` for pair ``j`` of the latest round, whose
+    routes are ``online_routes``. A round smaller than its slots is reused (logged).
+
+    Raises:
+        RuntimeError: the epoch needs online pairs of a route the round has none of.
+    """
+    items: list[tuple[str, int, int]] = []
+    if counts.offline:
+        routes = epoch_routes(counts.offline, mix_dp, seed, epoch, k=counts.dp).tolist()
+        items += [(OFFLINE, i, r) for i, r in enumerate(routes)]
+    for route, need in ((Route.PP, counts.pp), (Route.PR, counts.pr)):
+        if not need:
+            continue
+        pool = [j for j, r in enumerate(online_routes) if r == route]
+        name = route.name
+        if not pool:
+            raise RuntimeError(
+                f"data.mix_{name.lower()} > 0 but the pool has no {name} pairs: add "
+                "PairGenerationCallback to trainer.callbacks (configs/method/*.yaml do)")
+        if len(pool) < need:
+            log.warning("round %d has %d %s pairs for %d slots: reusing pairs", round_index,
+                        len(pool), name, need)
+        items += [(ONLINE, pool[i % len(pool)], int(route)) for i in range(need)]
+    # A stream of its own: the route draw's permutation would put every DP row first.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+
+
+def plan_round(counts: EpochCounts, prompts: list[str], *, seed: int, round_index: int,
+               prompts_per_round: int | None = None) -> RoundPlan:
+    """The prompts and routes of one round: by default as many pairs as an epoch trains on
+    (``counts.online``); distinct prompts first, in an order drawn from
+    ``(seed, round_index)``; routes in the epoch's proportion, PP first, then PR."""
+    n = prompts_per_round or counts.online
+    if n == 0:
+        return RoundPlan(round_index, [], [])
+    g = torch.Generator().manual_seed(seed * 7_919 + round_index)
+    order = torch.randperm(len(prompts), generator=g).tolist()
+    seen, distinct = set(), []
+    for i in order:
+        if prompts[i] not in seen:
+            seen.add(prompts[i])
+            distinct.append(i)
+    indices = [distinct[k % len(distinct)] for k in range(n)]
+    n_pp = round(n * counts.pp / max(1, counts.online))
+    return RoundPlan(round_index, indices, [int(Route.PP)] * n_pp + [int(Route.PR)] * (n - n_pp))

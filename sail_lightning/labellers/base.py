@@ -1,0 +1,135 @@
+"""The labeller interface: which of two responses is chosen, with scores where there are any.
+
+The interface is small (``label``, ``score``, ``reseed``, ``to``) and kept stable, so that
+configs naming a labeller by ``class_path`` keep working.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Per example, the prompt as ``((role, content), ...)`` turns, as in ``PreferenceRecord``.
+Messages = Sequence[Sequence[tuple[str, str]]]
+
+
+@dataclass
+class Labels:
+    """The verdict on ``n`` pairs (CPU tensors).
+
+    Attributes:
+        a_preferred: Bool ``(n,)``: True where response ``a`` is chosen.
+        scores_a: Float ``(n,)`` scores of the ``a`` responses, or None without scores.
+        scores_b: The same for the ``b`` responses.
+    """
+
+    a_preferred: torch.Tensor
+    scores_a: torch.Tensor | None = None
+    scores_b: torch.Tensor | None = None
+
+
+class Labeller(abc.ABC):
+    """Given prompts and two responses each: which is chosen, plus scores where there are any."""
+
+    @abc.abstractmethod
+    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
+        """Labels ``n`` pairs; responses are text only (no prompt).
+
+        Args:
+            messages: Optionally the prompts as chat turns, for labellers with a chat template.
+
+        Raises:
+            ValueError: If the inputs' lengths differ (the message gives every length).
+        """
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
+              messages: Messages | None = None) -> torch.Tensor | None:
+        """Float32 CPU scores ``(n,)`` (best-of-n, eval reward), or None without scores."""
+        return None
+
+    def reseed(self, seed: int) -> None:
+        """Restart the labeller's random draws (if any) from ``seed``. The online loop calls
+        it before each round with a seed of (round, rank), so labels do not depend on how
+        many rounds ran before in this process: a resumed run labels as an uninterrupted one.
+        """
+        if getattr(self, "generator", None) is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def to(self, device: str | torch.device) -> Labeller:
+        """Moves whatever the labeller runs on to ``device``; a no-op by default."""
+        return self
+
+
+def resolve_callable(path: str) -> Callable:
+    """Imports ``"package.module:function"`` (attribute may be dotted) or ``"pkg.mod.function"``.
+
+    Raises:
+        ValueError: Not of either form. ImportError / AttributeError: no such module /
+            attribute. TypeError: not callable. Every message names the path.
+    """
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name.strip() or not attr.strip():
+        raise ValueError(f"not an import path 'package.module:function': {path!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{path!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{path!r} is not callable (got {type(obj).__name__})")
+    return obj
+
+
+def as_callable(fn: str | Callable, what: str) -> tuple[Callable, str]:
+    """The callable and a name for messages; paths resolve now, before any model loads."""
+    if isinstance(fn, str):
+        return resolve_callable(fn), fn
+    if not callable(fn):
+        raise TypeError(f"{what} must be a callable or an import path, got {type(fn).__name__}")
+    return fn, getattr(fn, "__qualname__", repr(fn))
+
+
+def check_lengths(**named: Sequence | None) -> int:
+    """Returns the common length of the given sequences, or raises naming every length."""
+    present = {k: v for k, v in named.items() if v is not None}
+    if bad := [name for name, seq in present.items() if isinstance(seq, str)]:
+        raise TypeError(f"{bad} must be sequences, got a single string (a forgotten list?)")
+    lengths = {name: len(seq) for name, seq in present.items()}
+    if len(set(lengths.values())) > 1:
+        desc = ", ".join(f"{n} {name}" for name, n in lengths.items())
+        raise ValueError(f"inputs must have equal lengths, got {desc}")
+    return next(iter(lengths.values()))
+
+
+def as_scores(values: Any, n: int, source: str) -> torch.Tensor:
+    """A user function's output as a float32 CPU tensor of shape ``(n,)``."""
+    out = torch.as_tensor(values if torch.is_tensor(values) else list(values), dtype=torch.float32)
+    out = out.detach().cpu().reshape(-1) if out.shape == (n, 1) else out.detach().cpu()
+    if out.shape != (n,) or torch.isnan(out).any():
+        raise ValueError(f"{source} returned shape {tuple(out.shape)} for {n} inputs, or NaN")
+    return out
+
+
+class ScoringLabeller(Labeller):
+    """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax)."""
+
+    def score_pair(self, prompts: Sequence[str], responses_a: Sequence[str],
+                    responses_b: Sequence[str], messages: Messages | None) -> tuple:
+        return (self.score(prompts, responses_a, messages=messages),
+                self.score(prompts, responses_b, messages=messages))
+
+    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
+        check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b,
+                       messages=messages)
+        scores_a, scores_b = self.score_pair(prompts, responses_a, responses_b, messages)
+        return Labels(scores_a >= scores_b, scores_a, scores_b)

@@ -1,0 +1,137 @@
+"""MethodSpec: what a run trains, read from the three objects that configure it.
+
+A method is spread over the module (``model.coef_*``, ``model.loss_type``, the bonus), the
+data (``data.mix_*``: the routes of each epoch) and the online loop
+(``PairGenerationCallback``: the pair mode and the labeller). Each is valid alone; this
+checks that they agree, once, before any model is built, and names the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The method of a run.
+
+    Attributes:
+        mix_dp, mix_pp, mix_pr: the routes' shares of an epoch (``data.mix_*``).
+        coef_dp, coef_pp, coef_pr: the SAIL terms' weights (``model.coef_*``).
+        loss_type: the DPO term's form (``model.loss_type``).
+        bonus_alpha, bonus_form: the exploration bonus (``model.bonus_*``).
+        pair_mode: ``PairGenerationCallback.pair_mode``; None without that callback.
+        labeller: the class name of the labeller of online pairs (the callback's, else
+            ``data.oracle``); None without one.
+        labeller_scores: whether that labeller has scores (``best_worst`` and ``selm`` rank
+            candidates by score).
+        update_reference: ``PairGenerationCallback.update_reference``.
+    """
+
+    mix_dp: float = 0.0
+    mix_pp: float = 0.0
+    mix_pr: float = 0.0
+    coef_dp: float = 0.0
+    coef_pp: float = 0.0
+    coef_pr: float = 0.0
+    loss_type: str = "sigmoid"
+    bonus_alpha: float = 0.0
+    bonus_form: str = "selm"
+    pair_mode: str | None = None
+    labeller: str | None = None
+    labeller_scores: bool = False
+    update_reference: bool = False
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> MethodSpec:
+        """Reads the spec from a trainer's LightningModule, DataModule and callbacks."""
+        from sail_lightning.callbacks import PairGenerationCallback
+        from sail_lightning.labellers import Labeller
+
+        model = dict(trainer.lightning_module.hparams)
+        dm = trainer.datamodule
+        data = dict(getattr(dm, "hparams", {}) or {})
+        gen = next((c for c in trainer.callbacks if isinstance(c, PairGenerationCallback)), None)
+        labeller = None
+        if gen is not None:
+            labeller = gen.labeller if gen.labeller is not None else getattr(dm, "oracle", None)
+        scores = labeller is not None and type(labeller).score is not Labeller.score
+        fields = {k: model[k] for k in ("coef_dp", "coef_pp", "coef_pr", "loss_type",
+                                         "bonus_alpha", "bonus_form") if k in model}
+        fields.update({k: data[k] for k in ("mix_dp", "mix_pp", "mix_pr") if k in data})
+        return cls(**fields, pair_mode=gen.pair_mode if gen is not None else None,
+                   labeller=type(labeller).__name__ if labeller is not None else None,
+                   labeller_scores=scores,
+                   update_reference=gen is not None and gen.update_reference)
+
+    @property
+    def online(self) -> bool:
+        return self.mix_pp + self.mix_pr > 0
+
+    @property
+    def name(self) -> str:
+        """A short name for run folders and logs: ``dpo``, ``sail_pr``, ``sail_dp+sail_pp``..."""
+        if not self.online:
+            offline = "dpo" if self.loss_type == "sigmoid" else self.loss_type
+            name = "sail_dp" if self.mix_dp > 0 else offline
+            return f"{name}_ref_updates" if self.update_reference else name
+        by_mode = {"selm": "selm", "xpo": "xpo", "best_worst": "iterative_dpo"}
+        if self.pair_mode in by_mode:
+            return by_mode[self.pair_mode]
+        parts = [name for name, on in (("sail_dp", self.mix_dp > 0), ("sail_pp", self.mix_pp > 0),
+                                       ("sail_pr" if self.coef_pr > 0 else "online_dpo",
+                                        self.mix_pr > 0)) if on]
+        return "+".join(parts)
+
+    def conflicts(self) -> list[str]:
+        """Every disagreement between the options, each naming the options involved."""
+        out = []
+        gen = "PairGenerationCallback"
+        if self.online and self.pair_mode is None:
+            out.append(f"data.mix_pp={self.mix_pp} / data.mix_pr={self.mix_pr} train on online "
+                       f"pairs, which sail_lightning.callbacks.{gen} generates: add it to "
+                       "trainer.callbacks (configs/method/*.yaml do)")
+        if self.pair_mode is not None and not self.online and not self.update_reference:
+            out.append(f"{gen} is set but data.mix_pp = data.mix_pr = 0: no epoch trains on "
+                       "its pairs (and it does not update the reference); remove it or set "
+                       "data.mix_pp / data.mix_pr")
+        for route in ("dp", "pp", "pr"):
+            coef, mix = getattr(self, f"coef_{route}"), getattr(self, f"mix_{route}")
+            if coef > 0 and mix == 0:
+                out.append(f"model.coef_{route}={coef} weighs SAIL-{route.upper()} examples, but "
+                           f"data.mix_{route}=0 routes none to SAIL-{route.upper()}")
+        if self.pair_mode not in (None, "two_samples"):
+            if self.mix_pp > 0:
+                out.append(f"data.mix_pp={self.mix_pp}: SAIL-PP pairs are labelled by the "
+                           f"policy, which only {gen}.pair_mode=two_samples does (got "
+                           f"{self.pair_mode!r})")
+            for route in ("pp", "pr"):
+                coef = getattr(self, f"coef_{route}")
+                if coef > 0:
+                    out.append(f"model.coef_{route}={coef}: the response term is derived for "
+                               f"two samples of the policy per prompt, "
+                               f"{gen}.pair_mode=two_samples (got {self.pair_mode!r})")
+        if self.mix_pr > 0 and self.pair_mode is not None and self.labeller is None:
+            out.append(f"data.mix_pr={self.mix_pr}: online pairs need a labeller: set "
+                       f"{gen}.labeller (a reward model, judge, ranker or callable) or "
+                       "data.oracle (the task's ground truth)")
+        if self.pair_mode in ("best_worst", "selm") and self.labeller is not None \
+                and not self.labeller_scores:
+            out.append(f"{gen}.pair_mode={self.pair_mode} ranks candidates by score, and "
+                       f"{self.labeller} has none: use a scoring labeller")
+        if self.bonus_alpha > 0:
+            if self.pair_mode not in ("selm", "xpo"):
+                out.append(f"model.bonus_alpha={self.bonus_alpha}: only {gen}.pair_mode=selm "
+                           f"or xpo makes bonus responses (got {self.pair_mode!r})")
+            elif self.bonus_form != self.pair_mode:
+                out.append(f"model.bonus_form={self.bonus_form!r} with {gen}.pair_mode="
+                           f"{self.pair_mode!r}: use the same method for both")
+        return out
+
+    def check(self) -> None:
+        """Raises ``ValueError`` listing every conflict (see :meth:`conflicts`)."""
+        if problems := self.conflicts():
+            raise ValueError("the method's options disagree:\n  - " + "\n  - ".join(problems))

@@ -176,6 +176,9 @@ def test_pickles_without_its_session(serve):
     {"class_path": "sail_lightning.remote_labellers.RemoteRewardLabeller",
      "init_args": {"url": "http://127.0.0.1:8000/score", "timeout": 5, "retries": 1,
                    "backoff": 0.5, "batch_size": 8}},
+    {"class_path": "sail_lightning.judge.JudgeLabeller",
+     "init_args": {"model": "judge", "base_url": "http://127.0.0.1:8000/v1",
+                   "require_api_key": False, "tie_break": "random", "seed": 3}},
 ])
 def test_built_from_yaml_primitives(config):
     from jsonargparse import ArgumentParser

@@ -192,7 +192,8 @@ class RewardModelLabeller(_ScoringLabeller):
             (e.g. beaver's ``LlamaForScore``); its output need not have one label.
         output_field: The field of the model's output holding the scores: ``logits`` for
             transformers' classifiers, ``end_scores`` for safe-rlhf's (beaver) score models.
-            The score is its first column, per sequence.
+            The score is its first column, per sequence; a model whose forward returns a
+            bare tensor is read as that tensor.
     """
 
     def __init__(self, name_or_path: str, *, device: str | None = None,
@@ -354,8 +355,12 @@ def _set_pad_token_id(model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def _output_scores(out: Any, field: str, n: int, name: str) -> torch.Tensor:
-    """Column 0 of the output's ``field`` (``(n,)`` or ``(n, k)``) as float32 on the CPU."""
-    values = out.get(field) if isinstance(out, dict) else getattr(out, field, None)
+    """Column 0 of the output's ``field`` (``(n,)`` or ``(n, k)``), or of the output itself
+    where the model returns a bare tensor, as float32 on the CPU."""
+    if torch.is_tensor(out):
+        values = out
+    else:
+        values = out.get(field) if isinstance(out, dict) else getattr(out, field, None)
     if not torch.is_tensor(values) or values.shape[0] != n:
         raise ValueError(f"reward model {name!r}: its output has no tensor {field!r} with one "
                          f"row per sequence (option output_field; got {type(values).__name__})")

@@ -34,3 +34,10 @@ class TinyScoreModel(LlamaPreTrainedModel):
         scores = self.score_head(hidden)
         last = attention_mask.sum(-1) - 1  # right padding: the last attended position
         return ScoreOutput(scores=scores, end_scores=scores[torch.arange(len(last)), last])
+
+
+class TinyTensorScoreModel(TinyScoreModel):
+    """The same, returning the end scores as a bare tensor."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask).end_scores

@@ -128,6 +128,14 @@ def test_model_class_with_its_own_output_field(score_model_dir):
         assert scores[i].item() == pytest.approx(alone.end_scores[0, 0].item(), abs=1e-5)
 
 
+def test_model_class_returning_a_bare_tensor(score_model_dir):
+    by_field = RewardModelLabeller(str(score_model_dir), model_class="tests.score_models:"
+                                   "TinyScoreModel", output_field="end_scores", progress=False)
+    bare = RewardModelLabeller(str(score_model_dir), model_class="tests.score_models:"
+                               "TinyTensorScoreModel", progress=False)
+    assert torch.equal(bare.score(PROMPTS, RESPONSES), by_field.score(PROMPTS, RESPONSES))
+
+
 def test_wrong_output_field_and_model_class_are_named(score_model_dir):
     labeller = RewardModelLabeller(str(score_model_dir), model_class="tests.score_models:"
                                    "TinyScoreModel", progress=False)  # output_field: logits

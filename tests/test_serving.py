@@ -125,6 +125,36 @@ def test_concurrent_requests_are_merged_and_answered_in_order(url, direct):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_an_online_round_is_labelled_through_the_server(url, direct):
+    """SAIL-PR pairs of a round (policy samples, the records' messages) scored remotely: each
+    pair's scores are the reward model's on its chosen and rejected text."""
+    from sail_lightning import rounds
+    from sail_lightning.data.datamodule import PreferenceDataModule
+    from sail_lightning.generation import SamplingOptions
+    from sail_lightning.module import SAILModule
+    from sail_lightning.objectives import Route
+    from tests.conftest import TINY_CONFIG
+
+    policy = SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic")
+    policy.configure_model()
+    dm = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=40, batch_size=8,
+                              max_prompt_length=16, max_response_length=16)
+    dm.setup("fit")
+    n = 6
+    pairs, _ = rounds.build_round(
+        policy, dm, RemoteRewardLabeller(url, timeout=30),
+        SamplingOptions(num_samples=2, max_new_tokens=6, batch_size=32),
+        pair_mode="two_samples", round_index=0, prompt_indices=list(range(n)),
+        routes=[int(Route.PR)] * n, prompt_positions=list(range(n)), seed=3, progress=False)
+    assert len(pairs) == n
+    for k, p in enumerate(pairs):
+        turns = dm.train_records[k].messages
+        want = direct.score([p.prompt] * 2, [p.chosen, p.rejected], messages=[turns] * 2)
+        got = torch.tensor([p.scores["chosen"], p.scores["rejected"]])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got[0] >= got[1]
+
+
 def test_malformed_request_is_refused_naming_the_field(url):
     answer = requests.post(url, json={"prompts": ["a ="], "responses": ["b", "c"]}, timeout=30)
     assert answer.status_code == 422 and "lengths differ" in answer.text

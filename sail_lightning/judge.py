@@ -164,19 +164,19 @@ class JudgeLabeller(Labeller):
         """The counters, named for logging under a prefix (``gen/judge_prompt_tokens``)."""
         return {f"judge_{k}": v for k, v in {**self.usage, **self.counts}.items()}
 
-    def _ask(self, prompt: str, first: str, second: str) -> tuple[str | None, str, Any]:
+    def _ask(self, client: Any, prompt: str, first: str, second: str
+             ) -> tuple[str | None, str, Any]:
         messages = [{"role": "user", "content": self.template.format(
             prompt=prompt, response_a=first, response_b=second)}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         options = {k: v for k, v in (("max_tokens", self.max_tokens),
                                      ("temperature", self.temperature)) if v is not None}
-        client = self.client
         from openai import OpenAIError
 
         try:
             answer = client.chat.completions.create(model=self.model, messages=messages,
-                                                         **options)
+                                                    **options)
             text = answer.choices[0].message.content or ""
         except (OpenAIError, IndexError, AttributeError) as e:
             raise RemoteServiceError(f"{self.where} failed (after {self.max_retries} retries "
@@ -197,8 +197,9 @@ class JudgeLabeller(Labeller):
                  for i, p in enumerate(prompts)]
         asks = [(shown[i], responses_a[i], responses_b[i]) for i in range(n)]
         asks += [(shown[i], responses_b[i], responses_a[i]) for i in range(n)]
+        client = self.client  # made here, once, not by several threads at a time
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = [pool.submit(self._ask, *ask) for ask in asks]
+            futures = [pool.submit(self._ask, client, *ask) for ask in asks]
             try:
                 answers = [f.result() for f in futures]
             except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
@@ -27,7 +29,17 @@ class SAILCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run ``sail-lightning <subcommand> ...``; ``args`` replaces ``sys.argv`` (tests)."""
+    """Run ``sail-lightning <subcommand> ...``; ``args`` replaces ``sys.argv`` (tests).
+
+    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) is no Lightning
+    subcommand and has a parser of its own; every other subcommand is LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "serve-reward":
+        from sail_lightning.serving import serve_reward  # litserve loads only for the server
+
+        serve_reward(argv[1:])
+        return
     SAILCLI(
         SAILModule,
         PreferenceDataModule,

@@ -96,15 +96,20 @@ def bnb_config(options: QuantizationOptions, dtype: torch.dtype | None,
                               llm_int8_skip_modules=keep_float)
 
 
-def head_modules(auto_class, name_or_path: str) -> list[str] | None:
+def head_modules(auto_class, name_or_path: str, *,
+                 trust_remote_code: bool = False) -> list[str] | None:
     """Names of the top-level modules outside the backbone (``base_model_prefix``): a
     classifier's head (``score``; DeBERTa's ``pooler`` and ``classifier``), or None where
     the model has no such backbone. Read from the config on the meta device: no weights.
     """
     from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = auto_class.from_config(AutoConfig.from_pretrained(name_or_path))
+        if hasattr(auto_class, "_model_mapping"):  # an Auto class; a model class has no flag
+            model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = auto_class._from_config(config)
     children = [name for name, _ in model.named_children()]
     if model.base_model_prefix not in children:
         return None
@@ -113,22 +118,28 @@ def head_modules(auto_class, name_or_path: str) -> list[str] | None:
 
 def load_pretrained(auto_class, name_or_path: str, dtype: torch.dtype | None = None,
                     quantization: QuantizationOptions | None = None, *,
-                    float_head: bool = False) -> nn.Module:
+                    float_head: bool = False, trust_remote_code: bool = False) -> nn.Module:
     """``auto_class.from_pretrained``; with ``quantization`` its linear layers are 4-bit
     ``bnb.nn.Linear4bit``. The one loading path of the policy, reference and reward model.
 
     Args:
+        auto_class: an Auto class, or a model class with its own ``from_pretrained``.
         float_head: keep every module outside the backbone in float (see ``head_modules``).
             transformers' own choice keeps only the last module: a Llama classifier's
             ``score``, but not DeBERTa's ``pooler`` nor a head whose last weight is a bias.
+        trust_remote_code: run the modelling code of the model's folder (its ``auto_map``).
+            Always passed, False included: left unset, transformers would ask on a terminal.
     """
     if quantization is None:
-        return auto_class.from_pretrained(name_or_path, dtype=dtype)
+        return auto_class.from_pretrained(name_or_path, dtype=dtype,
+                                          trust_remote_code=trust_remote_code)
     # An explicit float dtype: "auto" could load bfloat16 weights beside float32 storage.
     dtype = dtype or torch.float32
-    keep = head_modules(auto_class, name_or_path) if float_head else None
+    keep = (head_modules(auto_class, name_or_path, trust_remote_code=trust_remote_code)
+            if float_head else None)
     model = auto_class.from_pretrained(name_or_path, dtype=dtype,
-                                       quantization_config=bnb_config(quantization, dtype, keep))
+                                       quantization_config=bnb_config(quantization, dtype, keep),
+                                       trust_remote_code=trust_remote_code)
     return _no_cpu_inference_repack(model)
 
 

@@ -20,11 +20,14 @@ from sail_lightning.labellers.base import (
     resolve_callable,
 )
 from sail_lightning.labellers.functions import CallableLabeller, PairwiseRankerLabeller
+from sail_lightning.labellers.judge import JudgeLabeller
 from sail_lightning.labellers.policy import PolicyLabeller
+from sail_lightning.labellers.remote import RemoteRewardLabeller, RemoteServiceError
 from sail_lightning.labellers.reward_model import RewardModelLabeller, prompt_response_ids
 
 __all__ = [
-    "CallableLabeller", "Labeller", "Labels", "Messages", "PairwiseRankerLabeller",
-    "PolicyLabeller", "RewardModelLabeller", "ScoringLabeller", "as_callable", "as_scores",
-    "check_lengths", "prompt_response_ids", "resolve_callable",
+    "CallableLabeller", "JudgeLabeller", "Labeller", "Labels", "Messages",
+    "PairwiseRankerLabeller", "PolicyLabeller", "RemoteRewardLabeller", "RemoteServiceError",
+    "RewardModelLabeller", "ScoringLabeller", "as_callable", "as_scores", "check_lengths",
+    "prompt_response_ids", "resolve_callable",
 ]

@@ -123,9 +123,20 @@ class ScoringLabeller(Labeller):
     """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax)."""
 
     def score_pair(self, prompts: Sequence[str], responses_a: Sequence[str],
-                    responses_b: Sequence[str], messages: Messages | None) -> tuple:
-        return (self.score(prompts, responses_a, messages=messages),
-                self.score(prompts, responses_b, messages=messages))
+                   responses_b: Sequence[str], messages: Messages | None) -> tuple:
+        """Scores of both responses of every pair, in one ``score`` call over each distinct
+        input once: full batches across pairs, and identical responses tie exactly (-> a)
+        instead of by batching noise."""
+        n = len(prompts)
+        turns = [None] * n if messages is None else [tuple(map(tuple, m)) for m in messages]
+        keys = [*zip(prompts, responses_a, turns, strict=True),
+                *zip(prompts, responses_b, turns, strict=True)]
+        unique = list(dict.fromkeys(keys))
+        scores = self.score([k[0] for k in unique], [k[1] for k in unique],
+                            messages=None if messages is None else [k[2] for k in unique])
+        where = {k: i for i, k in enumerate(unique)}
+        both = scores[[where[k] for k in keys]]
+        return both[:n], both[n:]
 
     def label(self, prompts: Sequence[str], responses_a: Sequence[str],
               responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:

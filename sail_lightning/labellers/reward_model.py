@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from sail_lightning.labellers.base import Messages, ScoringLabeller, check_lengths
+from sail_lightning.labellers.base import Messages, ScoringLabeller, check_lengths, resolve_callable
 from sail_lightning.models import QuantizationOptions, resolve_quantization
 
 log = logging.getLogger("sail_lightning.labellers")
@@ -50,13 +50,29 @@ class RewardModelLabeller(ScoringLabeller):
         batch_size: Sequences per forward pass.
         max_length: Longest input in tokens.
         progress: Show a tqdm bar over batches.
+        trust_remote_code: Run the Python code shipped in the model's folder (its
+            ``config.json`` ``auto_map``: ``modeling_*.py``), as models of a class transformers
+            does not know need. Off by default: that code runs with your permissions, so only
+            turn it on for folders whose code you have read or whose authors you trust.
+        model_class: Import path (``"my_pkg.models:ScoreModel"``) of a model class whose
+            ``from_pretrained`` loads the model instead of ``AutoModelForSequenceClassification``
+            (e.g. beaver's ``LlamaForScore``); its output need not have one label.
+        output_field: The field of the model's output holding the scores: ``logits`` for
+            transformers' classifiers, ``end_scores`` for safe-rlhf's (beaver) score models.
+            The score is its first column, per sequence; a model whose forward returns a
+            bare tensor is read as that tensor.
     """
 
     def __init__(self, name_or_path: str, *, device: str | None = None,
                  torch_dtype: str | None = None, quantization: QuantizationOptions | None = None,
-                 batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> None:
+                 batch_size: int = 16, max_length: int = 1024, progress: bool = True,
+                 trust_remote_code: bool = False, model_class: str | None = None,
+                 output_field: str = "logits") -> None:
         if torch_dtype is not None and torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        self.trust_remote_code, self.output_field = trust_remote_code, output_field
+        # Resolved now, so a wrong path fails when the config is read, not at the first round.
+        self.model_class = None if model_class is None else resolve_callable(model_class)
         self.quantization = resolve_quantization(quantization, "RewardModelLabeller.quantization")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, "
@@ -93,6 +109,12 @@ class RewardModelLabeller(ScoringLabeller):
                 self.model.to(self.device)
         return self
 
+    def load(self) -> RewardModelLabeller:
+        """Loads the model and tokenizer now rather than on first use (a server's start-up)."""
+        if self.model is None:
+            self._load()
+        return self
+
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -102,15 +124,23 @@ class RewardModelLabeller(ScoringLabeller):
         path = self.name_or_path
         if path.startswith(_PATH_STARTS) and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"reward model: no such folder: {path}")
+        remote = self.trust_remote_code
         try:
-            tokenizer = build_tokenizer(path)
+            tokenizer = build_tokenizer(path, trust_remote_code=remote)
             dtype = _DTYPES.get(self.torch_dtype)
             # float_head: a head quantized to 4 bits would move every score; it is tiny.
-            model = load_pretrained(AutoModelForSequenceClassification, path, dtype,
-                                    self.quantization, float_head=True)
+            model = load_pretrained(self.model_class or AutoModelForSequenceClassification, path,
+                                    dtype, self.quantization, float_head=True,
+                                    trust_remote_code=remote)
         except (OSError, ValueError) as e:
-            raise OSError(f"reward model {path!r} could not be loaded: {e}") from e
-        _check_reward_model(model, tokenizer, path)
+            hint = ("; it ships its own modelling code: set the labeller's option "
+                    "trust_remote_code: true to run it (read it first)"
+                    if "trust_remote_code" in str(e) and not remote else "")
+            raise OSError(f"reward model {path!r} could not be loaded: {e}{hint}") from e
+        if self.model_class is None:  # another class's output need not have one label
+            _check_reward_model(model, tokenizer, path)
+        else:
+            _set_pad_token_id(model, tokenizer)
         model.requires_grad_(False)
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
@@ -154,25 +184,10 @@ class RewardModelLabeller(ScoringLabeller):
             # classifier pools at the last non-pad token, which right padding does not move.
             input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
             mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
-            logits = self.model(input_ids=input_ids.to(self.device),
-                                attention_mask=mask.to(self.device)).logits
-            scores[idx] = logits[:, 0].float().cpu()
+            out = self.model(input_ids=input_ids.to(self.device),
+                             attention_mask=mask.to(self.device))
+            scores[idx] = _output_scores(out, self.output_field, len(idx), self.name_or_path)
         return scores
-
-    def score_pair(self, prompts: Sequence[str], responses_a: Sequence[str],
-                    responses_b: Sequence[str], messages: Messages | None) -> tuple:
-        n = len(prompts)
-        # One pass over both sets (full batches, sorted by length across pairs), each distinct
-        # input once: identical responses tie exactly (-> a) instead of by batching noise.
-        turns = [None] * n if messages is None else [tuple(map(tuple, m)) for m in messages]
-        keys = [*zip(prompts, responses_a, turns, strict=True),
-                *zip(prompts, responses_b, turns, strict=True)]
-        unique = list(dict.fromkeys(keys))
-        scores = self.score([k[0] for k in unique], [k[1] for k in unique],
-                            messages=None if messages is None else [k[2] for k in unique])
-        where = {k: i for i, k in enumerate(unique)}
-        both = scores[[where[k] for k in keys]]
-        return both[:n], both[n:]
 
 
 def _check_reward_model(model: torch.nn.Module, tokenizer: Any, name: str) -> None:
@@ -180,8 +195,25 @@ def _check_reward_model(model: torch.nn.Module, tokenizer: Any, name: str) -> No
     if model.config.num_labels != 1:
         raise ValueError(f"reward model {name!r} has num_labels={model.config.num_labels}; "
                          "a reward model has one output")
+    _set_pad_token_id(model, tokenizer)
+
+
+def _set_pad_token_id(model: torch.nn.Module, tokenizer: Any) -> None:
     # HF classifiers pool at the last token that is not pad_token_id; without it they
     # refuse batches, so take the tokenizer's (build_tokenizer guarantees one).
     config = model.config.get_text_config()
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
+
+
+def _output_scores(out: Any, field: str, n: int, name: str) -> torch.Tensor:
+    """Column 0 of the output's ``field`` (``(n,)`` or ``(n, k)``), or of the output itself
+    where the model returns a bare tensor, as float32 on the CPU."""
+    if torch.is_tensor(out):
+        values = out
+    else:
+        values = out.get(field) if isinstance(out, dict) else getattr(out, field, None)
+    if not torch.is_tensor(values) or values.shape[0] != n:
+        raise ValueError(f"reward model {name!r}: its output has no tensor {field!r} with one "
+                         f"row per sequence (option output_field; got {type(values).__name__})")
+    return values.reshape(n, -1)[:, 0].float().cpu()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class RecordError(ValueError):
     """Bad input; the message starts with the location: 'x.jsonl:17: missing key "rejected"'.
 
     ``reason`` ("missing_key", "prompt_mismatch", ...) is the key the readers count it under.
+    ``"unreadable_file"`` (a truncated or corrupt gzip file, a non-gzip ``.gz``, a broken
+    parquet file) is raised whatever ``on_bad_record`` says: the rest of the file is lost,
+    and a run on part of a file must not pass for a run on all of it.
     """
 
     def __init__(self, message: str, *, reason: str = "invalid", location: str = "") -> None:
@@ -241,30 +245,73 @@ def parse_record(raw: object, location: str, fmt: str = "auto") -> PreferenceRec
     return _parse_hh(raw, location) if fmt == "hh" else _parse_prompt_format(raw, location)
 
 
-def _iter_file(path: str) -> Iterator[_Item]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _unreadable(path: str, line: int | None, detail: str) -> RecordError:
+    location = f"{path}:{line}" if line else path
+    return RecordError(f"{location}: {detail}", reason="unreadable_file", location=location)
 
-        rows = (r for b in pq.ParquetFile(path).iter_batches() for r in b.to_pylist())
-        for number, record in enumerate(rows):
-            yield f"{path}:row {number}", record, None
-        return
-    if not path.endswith((".jsonl", ".json", ".gz")):
-        raise ValueError(f"{path}: unsupported file type, expected one of {_FILE_SUFFIXES}")
+
+def _iter_parquet(path: str) -> Iterator[_Item]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for record in batch.to_pylist():
+                yield f"{path}:row {number}", record, None
+                number += 1
+    except (pa.ArrowException, OSError) as exc:
+        # pyarrow's messages ("Parquet magic bytes not found") name no file.
+        where = f"at row {number}" if number else "before its first row"
+        raise _unreadable(path, None, f"not a readable parquet file ({where}): {exc}") from exc
+
+
+def _iter_json_lines(path: str, f: Iterable[bytes]) -> Iterator[_Item]:
     # Bytes are decoded line by line (not in text mode) so that an invalid UTF-8 line
     # becomes a located malformed_json record instead of aborting the whole file;
     # utf-8-sig on line 1 because json.loads rejects a byte-order mark.
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            location, raw, error = f"{path}:{number}", None, None
-            try:
-                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
-                if not text.strip():
-                    continue
-                raw = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                error = _fail(location, "malformed_json", f"malformed JSON: {exc}")
-            yield location, raw, error
+    for number, line in enumerate(f, start=1):
+        location, raw, error = f"{path}:{number}", None, None
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            if not text.strip():
+                continue
+            raw = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            error = _fail(location, "malformed_json", f"malformed JSON: {exc}")
+        yield location, raw, error
+
+
+def _iter_file(path: str) -> Iterator[_Item]:
+    if path.endswith(".parquet"):
+        yield from _iter_parquet(path)
+        return
+    if not path.endswith((".jsonl", ".json", ".gz")):
+        raise ValueError(f"{path}: unsupported file type, expected one of {_FILE_SUFFIXES}")
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            yield from _iter_json_lines(path, f)
+        return
+    lines = 0  # complete lines read: a gzip error happens while reading the next one
+
+    def counted(f: Iterable[bytes]) -> Iterator[bytes]:
+        nonlocal lines
+        for line in f:
+            yield line
+            lines += 1
+
+    with gzip.open(path, "rb") as f:
+        try:
+            yield from _iter_json_lines(path, counted(f))
+        except gzip.BadGzipFile as exc:
+            detail = "bad gzip data" if lines else "not a gzip file"
+            raise _unreadable(path, lines + 1 if lines else None, f"{detail} ({exc})") from exc
+        except EOFError as exc:
+            # A copy or download cut short: the records after this point are lost.
+            raise _unreadable(path, lines + 1, f"truncated gzip file: the data ends after line "
+                              f"{lines}, the records after it are lost") from exc
+        except (zlib.error, OSError) as exc:
+            raise _unreadable(path, lines + 1, f"corrupt gzip data ({exc})") from exc
 
 
 def looks_like_path(source: str) -> bool:
@@ -300,7 +347,8 @@ def iter_raw_records(source: str, split: str = "train") -> Iterator[tuple[str, o
         split: The split to load; used only for hub datasets.
 
     Raises:
-        RecordError: A JSON line is malformed (location ``path:line``).
+        RecordError: A JSON line is malformed (location ``path:line``), or a file cannot be
+            read (``reason == "unreadable_file"``, location ``path`` or ``path:line``).
         FileNotFoundError: ``source`` looks like a path but does not exist.
     """
     for location, raw, error in _iter_source(source, split):
@@ -379,7 +427,8 @@ def read_preference_records(
 
     Raises:
         RecordError: A bad record with ``on_bad_record="error"`` (the real HH test files
-            contain a few empty responses, so read HH with ``"skip"``).
+            contain a few empty responses, so read HH with ``"skip"``); a file that cannot
+            be read (truncated or corrupt gzip, broken parquet) in either mode.
         FileNotFoundError: ``source`` looks like a path but does not exist.
         ValueError: Unknown ``on_bad_record`` or ``fmt``, or a negative ``limit``.
     """

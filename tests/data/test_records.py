@@ -471,3 +471,59 @@ def test_bad_options_raise_value_error(tmp_path):
         records_from_dicts([GOOD_UF], "mem", on_bad_record="warn")
     with pytest.raises(ValueError, match="fmt"):
         read_preference_records(str(path), fmt="alpaca")
+
+
+# --- unreadable files: always an error naming the file, whatever on_bad_record says --------
+
+
+def gz_rows(n: int) -> bytes:
+    rows = [{**GOOD_UF, "prompt": f"Q{i}?", "chosen": f"Answer {i} " * 20} for i in range(n)]
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0)
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_truncated_gzip_names_file_and_line(tmp_path, mode):
+    path = tmp_path / "cut.jsonl.gz"
+    data = gz_rows(300)
+    path.write_bytes(data[: len(data) // 2])
+    with gzip.open(tmp_path / "cut.jsonl.gz", "rb") as f:  # how many lines survive the cut
+        complete = 0
+        try:
+            for _ in f:
+                complete += 1
+        except EOFError:
+            pass
+    assert 0 < complete < 300
+    with pytest.raises(RecordError, match=rf"^{path}:{complete + 1}: truncated gzip") as info:
+        read_preference_records(str(path), on_bad_record=mode)
+    assert info.value.reason == "unreadable_file"
+    assert f"after line {complete}" in str(info.value)
+
+
+def test_corrupt_gzip_names_file(tmp_path):
+    data = bytearray(gz_rows(50))
+    data[40:100] = bytes(60)  # zeroed deflate data inside the first block
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecordError, match=rf"^{path}:\d+: corrupt gzip data"):
+        read_preference_records(str(path), on_bad_record="skip")
+
+
+def test_plain_text_named_gz_names_file(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl.gz", [GOOD_UF])
+    with pytest.raises(RecordError, match=rf"^{path}: not a gzip file"):
+        read_preference_records(str(path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_broken_parquet_names_file(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD_UF] * 10), path)
+    data = path.read_bytes()
+    path.write_bytes(b"PAR1 not parquet" if damage == "garbage" else data[: len(data) - 20])
+    with pytest.raises(RecordError, match=rf"^{path}: not a readable parquet file") as info:
+        read_preference_records(str(path), on_bad_record="skip")
+    assert info.value.reason == "unreadable_file"

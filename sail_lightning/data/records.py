@@ -18,6 +18,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 logger = logging.getLogger("sail_lightning.data")
 
@@ -33,7 +34,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
-_DIR_PATTERNS = (".jsonl", ".jsonl.gz", ".parquet")
+# What a folder source reads; a bare ".gz" is read only when named (its content is a guess).
+DIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 _PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 
 
@@ -48,7 +50,8 @@ class PreferenceRecord:
         chosen: The chosen response text only.
         rejected: The rejected response text only.
         location: "path:line" (1-based) for JSON Lines, "path:row N" (0-based) for parquet,
-            "name[split]:row N" for hub datasets, "name:row N" for records_from_dicts.
+            "path:record N" (0-based) for a JSON array, "name[split]:row N" for hub datasets,
+            "name:row N" for records_from_dicts.
     """
 
     prompt: str
@@ -78,20 +81,29 @@ _Item = tuple[str, object, RecordError | None]  # (location, raw record, error w
 
 @dataclass
 class ReadStats:
-    """Counts from one read; ``read == kept + sum(dropped) + sum(skipped)`` always holds."""
+    """Counts from one read; ``read == kept + sum(dropped) + sum(skipped)`` always holds.
+
+    ``ignored_files`` lists the entries of a folder source that were not read (names,
+    folders with a trailing ``/``); they hold no counted records.
+    """
 
     read: int = 0
     kept: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
+    ignored_files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """Return one line, e.g. ``read 10, kept 9; dropped: identical_pair=1; skipped: none``."""
+        """Return one line, e.g. ``read 10, kept 9; dropped: identical_pair=1; skipped: none``
+        (then ``; ignored files: a.csv, notes.txt`` when a folder held any)."""
         dropped, skipped = (
             ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
             for c in (self.dropped, self.skipped)
         )
-        return f"read {self.read}, kept {self.kept}; dropped: {dropped}; skipped: {skipped}"
+        line = f"read {self.read}, kept {self.kept}; dropped: {dropped}; skipped: {skipped}"
+        if self.ignored_files:
+            line += f"; ignored files: {', '.join(self.ignored_files)}"
+        return line
 
 
 def _fail(location: str, reason: str, detail: str) -> RecordError:
@@ -250,6 +262,27 @@ def _unreadable(path: str, line: int | None, detail: str) -> RecordError:
     return RecordError(f"{location}: {detail}", reason="unreadable_file", location=location)
 
 
+def _read_error(path: str, line: int | None, exc: Exception) -> RecordError:
+    """The located error for an exception raised while reading (not parsing) a file.
+
+    ``line``: the line being read (``None``: unknown, or the first line of a whole file).
+    """
+    if isinstance(exc, gzip.BadGzipFile):
+        detail = "not a gzip file" if line in (None, 1) else "bad gzip data"
+        return _unreadable(path, None if line == 1 else line, f"{detail} ({exc})")
+    if isinstance(exc, EOFError):
+        # A copy or download cut short: the records after this point are lost.
+        after = f" after line {line - 1}" if line and line > 1 else ""
+        return _unreadable(path, line, f"truncated gzip file: the data ends{after}, the "
+                           "records after it are lost")
+    if isinstance(exc, zlib.error):
+        return _unreadable(path, line, f"corrupt gzip data ({exc})")
+    return _unreadable(path, line, f"cannot be read ({exc})")
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # what reading a (gzip) file raises
+
+
 def _iter_parquet(path: str) -> Iterator[_Item]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -266,11 +299,19 @@ def _iter_parquet(path: str) -> Iterator[_Item]:
         raise _unreadable(path, None, f"not a readable parquet file ({where}): {exc}") from exc
 
 
-def _iter_json_lines(path: str, f: Iterable[bytes]) -> Iterator[_Item]:
+def _iter_json_lines(path: str, f: BinaryIO) -> Iterator[_Item]:
     # Bytes are decoded line by line (not in text mode) so that an invalid UTF-8 line
     # becomes a located malformed_json record instead of aborting the whole file;
     # utf-8-sig on line 1 because json.loads rejects a byte-order mark.
-    for number, line in enumerate(f, start=1):
+    number = 0
+    while True:
+        try:
+            line = f.readline()
+        except _READ_ERRORS as exc:
+            raise _read_error(path, number + 1, exc) from exc
+        if not line:
+            return
+        number += 1
         location, raw, error = f"{path}:{number}", None, None
         try:
             text = line.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -282,36 +323,50 @@ def _iter_json_lines(path: str, f: Iterable[bytes]) -> Iterator[_Item]:
         yield location, raw, error
 
 
+def _iter_json_array(path: str, f: BinaryIO) -> Iterator[_Item]:
+    # One document: an error leaves nothing after it readable, so it is never skipped.
+    try:
+        data = f.read()
+    except _READ_ERRORS as exc:
+        raise _read_error(path, None, exc) from exc
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise _fail(f"{path}:{line}", "malformed_json", f"malformed JSON array: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{path}:{exc.lineno}", "malformed_json",
+                    f"malformed JSON array: {exc}") from exc
+    for number, record in enumerate(rows):
+        yield f"{path}:record {number}", record, None
+
+
+def _starts_with_bracket(path: str, f: BinaryIO) -> bool:
+    """Whether the first character after any byte-order mark and whitespace is ``[``."""
+    blank = b"\xef\xbb\xbf \t\r\n"
+    try:
+        head = f.read(4096)
+        while head and not head.lstrip(blank):
+            head = f.read(4096)
+        f.seek(0)
+    except _READ_ERRORS as exc:
+        raise _read_error(path, 1, exc) from exc
+    return head.lstrip(blank)[:1] == b"["
+
+
 def _iter_file(path: str) -> Iterator[_Item]:
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
         return
     if not path.endswith((".jsonl", ".json", ".gz")):
         raise ValueError(f"{path}: unsupported file type, expected one of {_FILE_SUFFIXES}")
-    if not path.endswith(".gz"):
-        with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        # ".json" is either a JSON array of records (pandas' orient="records") or JSON
+        # Lines (what datasets' to_json writes); the first character tells them apart.
+        if path.endswith((".json", ".json.gz")) and _starts_with_bracket(path, f):
+            yield from _iter_json_array(path, f)
+        else:
             yield from _iter_json_lines(path, f)
-        return
-    lines = 0  # complete lines read: a gzip error happens while reading the next one
-
-    def counted(f: Iterable[bytes]) -> Iterator[bytes]:
-        nonlocal lines
-        for line in f:
-            yield line
-            lines += 1
-
-    with gzip.open(path, "rb") as f:
-        try:
-            yield from _iter_json_lines(path, counted(f))
-        except gzip.BadGzipFile as exc:
-            detail = "bad gzip data" if lines else "not a gzip file"
-            raise _unreadable(path, lines + 1 if lines else None, f"{detail} ({exc})") from exc
-        except EOFError as exc:
-            # A copy or download cut short: the records after this point are lost.
-            raise _unreadable(path, lines + 1, f"truncated gzip file: the data ends after line "
-                              f"{lines}, the records after it are lost") from exc
-        except (zlib.error, OSError) as exc:
-            raise _unreadable(path, lines + 1, f"corrupt gzip data ({exc})") from exc
 
 
 def looks_like_path(source: str) -> bool:
@@ -319,39 +374,68 @@ def looks_like_path(source: str) -> bool:
     return source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES)
 
 
-def _iter_source(source: str, split: str) -> Iterator[_Item]:
+def _list_folder(source: str, path: str) -> tuple[list[str], list[str]]:
+    """The files of a folder source that are read, and the entries that are not."""
+    read, ignored = [], []
+    for name in sorted(os.listdir(path)):
+        # Hidden files and "_"-prefixed markers (Spark's _SUCCESS) are skipped unlisted, as
+        # pyarrow.dataset does; anything else that is not read is named in a warning.
+        if name.startswith((".", "_")):
+            continue
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and name.endswith(DIR_SUFFIXES):
+            read.append(full)
+        else:
+            ignored.append(name + "/" if os.path.isdir(full) else name)
+    if not read:
+        listed = f" (it holds: {', '.join(ignored)})" if ignored else ""
+        raise FileNotFoundError(f"{source}: no {', '.join(DIR_SUFFIXES)} files in directory"
+                                f"{listed}")
+    if ignored:
+        logger.warning("%s: %d file(s) not read (not one of %s): %s", source, len(ignored),
+                       ", ".join(DIR_SUFFIXES), ", ".join(ignored))
+    return read, ignored
+
+
+def _open_source(source: str, split: str) -> tuple[Iterator[_Item], list[str]]:
+    """The items of a source, and the folder entries it does not read."""
     path = os.path.expanduser(source)
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.endswith(_DIR_PATTERNS))
-        if not names:
-            raise FileNotFoundError(f"{source}: no {', '.join(_DIR_PATTERNS)} files in directory")
-        for name in names:
-            yield from _iter_file(os.path.join(path, name))
-    elif os.path.exists(path):
-        yield from _iter_file(path)
-    elif looks_like_path(source):
+        files, ignored = _list_folder(source, path)
+        return (item for file in files for item in _iter_file(file)), ignored
+    if os.path.exists(path):
+        return _iter_file(path), []
+    if looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such file or directory")
-    else:
+
+    def hub() -> Iterator[_Item]:
         import datasets
 
         for row, record in enumerate(datasets.load_dataset(source, split=split)):
             yield f"{source}[{split}]:row {row}", record, None
+
+    return hub(), []
 
 
 def iter_raw_records(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
     """Yield ``(location, raw record)`` from a file, a directory or a hub dataset name.
 
     Args:
-        source: A ``.jsonl``/``.json``/``.jsonl.gz``/``.parquet`` file, a directory (its
-            ``*.jsonl``, ``*.jsonl.gz``, ``*.parquet`` files, sorted), or a hub dataset name.
+        source: A file: ``.jsonl``, ``.jsonl.gz`` or bare ``.gz`` (JSON Lines), ``.json`` or
+            ``.json.gz`` (a JSON array of records, or JSON Lines), ``.parquet``. A directory:
+            its files with one of :data:`DIR_SUFFIXES`, in name order, not recursing; other
+            entries are named in one logged warning (and listed in
+            ``ReadStats.ignored_files`` by :func:`read_preference_records`), except hidden
+            and ``_``-prefixed ones (``_SUCCESS`` markers). Anything else: a hub dataset name.
         split: The split to load; used only for hub datasets.
 
     Raises:
         RecordError: A JSON line is malformed (location ``path:line``), or a file cannot be
             read (``reason == "unreadable_file"``, location ``path`` or ``path:line``).
-        FileNotFoundError: ``source`` looks like a path but does not exist.
+        FileNotFoundError: ``source`` looks like a path but does not exist, or is a folder
+            without a readable file.
     """
-    for location, raw, error in _iter_source(source, split):
+    for location, raw, error in _open_source(source, split)[0]:
         if error is not None:
             raise error
         yield location, raw
@@ -432,7 +516,9 @@ def read_preference_records(
         FileNotFoundError: ``source`` looks like a path but does not exist.
         ValueError: Unknown ``on_bad_record`` or ``fmt``, or a negative ``limit``.
     """
-    records, stats = _collect(_iter_source(source, split), fmt, on_bad_record, limit)
+    items, ignored = _open_source(source, split)
+    records, stats = _collect(items, fmt, on_bad_record, limit)
+    stats.ignored_files = ignored
     logger.info("%s: %s", source, stats.summary())
     return records, stats
 

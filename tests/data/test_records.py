@@ -417,11 +417,68 @@ def test_directory_source_reads_sorted_supported_files(tmp_path):
         f"{tmp_path / 'b.jsonl'}:1",
         f"{tmp_path / 'c.parquet'}:row 0",
     ]
-    assert stats.kept == 3
+    assert stats.kept == 3 and stats.ignored_files == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="empty"):
+    (empty / "pairs.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(FileNotFoundError, match=r"empty: no .*\(it holds: pairs\.csv\)"):
         read_preference_records(str(empty))
+
+
+def test_directory_source_reads_every_format_and_names_the_rest(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def uf(i: int) -> dict:
+        return {**GOOD_UF, "prompt": f"Question {i}?"}
+
+    def gz(name: str, text: str) -> None:
+        with gzip.open(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+    lines = "".join(json.dumps(uf(i)) + "\n" for i in range(3))
+    write_jsonl(tmp_path / "a.jsonl", [uf(i) for i in range(3)])
+    (tmp_path / "b.json").write_text(json.dumps([uf(i) for i in range(4)], indent=2))
+    (tmp_path / "c.json").write_text(lines)  # JSON Lines named .json (datasets' to_json)
+    gz("d.json.gz", json.dumps([uf(i) for i in range(2)]))
+    gz("e.jsonl.gz", lines)
+    pq.write_table(pa.Table.from_pylist([uf(i) for i in range(3)]), tmp_path / "f.parquet")
+    # Not read: named in a warning and in the stats. Five records in the folder's data
+    # files are in formats it does not read.
+    gz("g.gz", lines)
+    (tmp_path / "h.csv").write_text("prompt,chosen,rejected\nq,a,b\nr,c,d\n")
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "x.jsonl", [uf(0)])
+    (tmp_path / ".hidden.jsonl").write_text("{broken")  # skipped unlisted, like _SUCCESS
+    (tmp_path / "_SUCCESS").write_text("")
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        records, stats = read_preference_records(str(tmp_path))
+    assert stats.read == stats.kept == len(records) == 3 + 4 + 3 + 2 + 3 + 3
+    files = [r.location.rsplit(":", 1)[0] for r in records]
+    assert sorted(set(files)) == [str(tmp_path / n) for n in
+                                  ("a.jsonl", "b.json", "c.json", "d.json.gz", "e.jsonl.gz",
+                                   "f.parquet")]
+    assert records[3].location == f"{tmp_path / 'b.json'}:record 0"
+    assert records[7].location == f"{tmp_path / 'c.json'}:1"
+    assert stats.ignored_files == ["g.gz", "h.csv", "notes.txt", "sub/"]
+    assert stats.summary().endswith("; ignored files: g.gz, h.csv, notes.txt, sub/")
+    warning = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(warning) == 1 and "4 file(s)" in warning[0] and "h.csv" in warning[0]
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([GOOD_UF, GOOD_HH, {"prompt": "p"}], indent=2))
+    records, stats = read_preference_records(str(path), on_bad_record="skip")
+    assert [r.location for r in records] == [f"{path}:record 0", f"{path}:record 1"]
+    assert stats.skipped == {"missing_key": 1}
+    with pytest.raises(RecordError, match=rf'^{path}:record 2: missing key "chosen"'):
+        read_preference_records(str(path))
+    # A syntax error leaves the rest of the array unreadable: an error in both modes.
+    path.write_text(json.dumps([GOOD_UF, GOOD_UF], indent=2)[:-10] + "\n]")
+    with pytest.raises(RecordError, match=rf"^{path}:\d+: malformed JSON array"):
+        read_preference_records(str(path), on_bad_record="skip")
 
 
 def test_records_from_dicts_locations_and_skip():

@@ -584,3 +584,100 @@ def test_broken_parquet_names_file(tmp_path, damage):
     with pytest.raises(RecordError, match=rf"^{path}: not a readable parquet file") as info:
         read_preference_records(str(path), on_bad_record="skip")
     assert info.value.reason == "unreadable_file"
+
+
+# --- PKU-SafeRLHF and column mappings ----------------------------------------------------
+
+PKU = {  # the PKU-SafeRLHF layout; the two labels disagree, as they often do there
+    "prompt": "How do I pick a lock?",
+    "response_0": "Insert a tension wrench, then rake the pins until they set.",
+    "response_1": "I can't help with opening locks you do not own.",
+    "better_response_id": 0,
+    "safer_response_id": 1,
+    "is_response_0_safe": False,
+    "is_response_1_safe": True,
+}
+
+
+def test_pku_better_and_safer_preferences(tmp_path):
+    rows = [PKU, {**PKU, "prompt": "Second?", "better_response_id": 1}]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
+    better, stats = read_preference_records(str(path))  # auto-detected
+    safer, _ = read_preference_records(str(path), fmt="pku", preference="safer")
+    assert stats.kept == 2
+    assert better[0].messages == (("user", PKU["prompt"]),) and better[0].prompt == PKU["prompt"]
+    assert (better[0].chosen, better[0].rejected) == (PKU["response_0"], PKU["response_1"])
+    assert (better[1].chosen, better[1].rejected) == (PKU["response_1"], PKU["response_0"])
+    assert [(r.chosen, r.rejected) for r in safer] == [(PKU["response_1"], PKU["response_0"])] * 2
+    in_memory, _ = records_from_dicts(rows, "pku", preference="safer")
+    assert [(r.chosen, r.rejected) for r in in_memory] == [(r.chosen, r.rejected) for r in safer]
+
+
+PKU_BAD = [  # (record, reason, text the message must contain)
+    ({**PKU, "better_response_id": 2}, "bad_value", '"better_response_id" must be 0 or 1, found 2'),
+    ({**PKU, "better_response_id": "0"}, "bad_type", "found str"),
+    ({**PKU, "better_response_id": True}, "bad_type", "found bool"),
+    ({k: v for k, v in PKU.items() if k != "better_response_id"}, "missing_key",
+     '"better_response_id"'),
+    ({**PKU, "response_1": " "}, "empty_field", '"response_1"'),
+    ({**PKU, "prompt": None}, "missing_key", '"prompt"'),
+]
+
+
+@pytest.mark.parametrize(("row", "reason", "needle"), PKU_BAD, ids=[b[1] for b in PKU_BAD])
+def test_pku_bad_record_names_file_and_line(tmp_path, row, reason, needle):
+    path = write_jsonl(tmp_path / "pku.jsonl", [PKU, row])
+    with pytest.raises(RecordError, match=rf"^{path}:2: ") as info:
+        read_preference_records(str(path), fmt="pku")
+    assert needle in str(info.value) and info.value.reason == reason
+    records, stats = read_preference_records(str(path), fmt="pku", on_bad_record="skip")
+    assert len(records) == 1 and stats.skipped == {reason: 1}
+
+
+def test_pku_identical_responses_dropped_and_float_labels_accepted():
+    same = {**PKU, "response_1": PKU["response_0"]}
+    records, stats = records_from_dicts([same, {**PKU, "safer_response_id": 1.0}], "m",
+                                        preference="safer")
+    assert stats.dropped == {"identical_pair": 1}
+    assert records[0].chosen == PKU["response_1"]
+
+
+def test_column_mapping_reads_any_layout(tmp_path):
+    rows = [{"question": "Name a colour.", "good": "Blue.", "bad": "Seven.", "prompt": "x"}]
+    path = write_jsonl(tmp_path / "other.jsonl", rows + [{"question": "q", "good": "a"}])
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    records, stats = read_preference_records(str(path), columns=columns, on_bad_record="skip")
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [("Name a colour.", "Blue.",
+                                                                     "Seven.")]
+    assert stats.skipped == {"missing_key": 1}
+    with pytest.raises(RecordError, match=rf'^{path}:2: missing key "bad" \(columns\.rejected\)'):
+        read_preference_records(str(path), columns=columns)
+    # Only some fields mapped: the others keep their names; HH dialogues under other names.
+    partial, _ = records_from_dicts([{"q": "Hi?", "chosen": "A", "rejected": "B"}], "m",
+                                    columns={"prompt": "q"})
+    assert partial[0].prompt == "Hi?"
+    hh_rows = [{"win": GOOD_HH["chosen"], "lose": GOOD_HH["rejected"]}]
+    hh_records, _ = records_from_dicts(hh_rows, "m", columns={"chosen": "win", "rejected": "lose"})
+    assert hh_records[0].chosen == " Hello!"
+    # PKU-style fields under other names.
+    renamed = {"instruction": PKU["prompt"], "a": PKU["response_0"], "b": PKU["response_1"],
+               "label": 1}
+    pku, _ = records_from_dicts([renamed], "m", fmt="pku", columns={
+        "prompt": "instruction", "response_0": "a", "response_1": "b",
+        "better_response_id": "label"})
+    assert pku[0].chosen == PKU["response_1"]
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"preference": "helpful"}, "preference must be one of"),
+    ({"columns": {"answer": "x"}}, "unknown field 'answer'"),
+    ({"columns": {"prompt": ""}}, "columns.prompt must be a column name"),
+    ({"columns": ["prompt"]}, "columns must be a mapping"),
+    ({"fmt": "safe"}, "fmt must be one of"),
+])
+def test_bad_reading_options_raise_value_error(tmp_path, options, needle):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD_UF])
+    with pytest.raises(ValueError, match=needle):
+        read_preference_records(str(path), **options)
+    with pytest.raises(ValueError, match=needle):
+        records_from_dicts([GOOD_UF], "m", **options)

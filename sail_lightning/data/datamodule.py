@@ -14,6 +14,7 @@ from sail_lightning.data.pool import OnlinePair, read_round, round_path, write_r
 from sail_lightning.data.records import (
     PreferenceRecord,
     ReadStats,
+    check_reading_options,
     looks_like_path,
     read_preference_records,
     records_from_dicts,
@@ -115,7 +116,12 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: tokenizer name or path (``"synthetic"`` for the embedded task's). Under
             the CLI it is linked from ``model.tokenizer``.
         split: the split to read from a hub dataset.
-        format: ``auto``, ``hh`` (HH-RLHF whole dialogues) or ``prompt`` (prompt/chosen/rejected).
+        format: ``auto``, ``hh`` (HH-RLHF whole dialogues), ``prompt`` (prompt/chosen/rejected)
+            or ``pku`` (PKU-SafeRLHF: prompt, response_0, response_1 and their labels).
+        preference: ``better`` or ``safer``: which PKU-SafeRLHF label picks the chosen response.
+        columns: read fields from other columns, e.g. ``{prompt: question, chosen: good,
+            rejected: bad}`` (fields: prompt, chosen, rejected, response_0, response_1,
+            better_response_id, safer_response_id); applies to ``source`` and ``val_source``.
         val_source: a separate validation source; if unset, ``val_fraction`` of ``source``
             is held out by a seeded split.
         val_split: the split of ``val_source`` (hub datasets).
@@ -151,6 +157,8 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         split: str = "train",
         format: str = "auto",
+        preference: str = "better",
+        columns: dict[str, str] | None = None,
         val_source: str | None = None,
         val_split: str = "test",
         val_fraction: float = 0.05,
@@ -174,6 +182,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if on_bad_record not in _BAD_RECORD_MODES:
             raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
                              f"got {on_bad_record!r}")
+        check_reading_options(format, preference, columns, prefix="data.")
         for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {value}")
@@ -217,7 +226,8 @@ class PreferenceDataModule(L.LightningDataModule):
                                                 on_bad_record=hp.on_bad_record)
         else:
             records, stats = read_preference_records(source, split=split, fmt=hp.format,
-                                                     on_bad_record=hp.on_bad_record, limit=limit)
+                                                     on_bad_record=hp.on_bad_record, limit=limit,
+                                                     preference=hp.preference, columns=hp.columns)
         self._count(source, stats)
         if not records:
             raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")

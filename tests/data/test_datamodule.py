@@ -117,3 +117,24 @@ def test_state_dict_round_trip_and_mismatch_is_refused():
     other = make(num_synthetic_pairs=100, seed=1)
     with pytest.raises(ValueError, match="other data"):
         other.load_state_dict(state)
+
+
+def test_pku_preference_and_columns_reach_the_reader(tmp_path):
+    pku = tmp_path / "pku.jsonl"
+    write_jsonl(pku, [{"prompt": "a b =", "response_0": "a a", "response_1": "b b",
+                       "better_response_id": 0, "safer_response_id": 1}] * 4)
+    better = make(source=str(pku), val_fraction=0.0)
+    safer = make(source=str(pku), val_fraction=0.0, preference="safer")
+    assert [r.chosen for r in better.train_records] == ["a a"] * 4
+    assert [r.chosen for r in safer.train_records] == ["b b"] * 4
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"q": "a b =", "good": "a b", "bad": "b a"}] * 3)
+    dm = make(source=str(other), val_fraction=0.0,
+              columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert [(r.prompt, r.chosen) for r in dm.train_records] == [("a b =", "a b")] * 3
+    with pytest.raises(ValueError, match=r"data\.preference must be one of"):
+        PreferenceDataModule(preference="kind")
+    with pytest.raises(ValueError, match=r"data\.columns: unknown field 'answer'"):
+        PreferenceDataModule(columns={"answer": "a"})
+    with pytest.raises(ValueError, match=r"data\.format must be one of"):
+        PreferenceDataModule(format="pkuu")

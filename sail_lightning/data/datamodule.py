@@ -19,7 +19,12 @@ from sail_lightning.data.records import (
     read_preference_records,
     records_from_dicts,
 )
-from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, tokenize_records
+from sail_lightning.data.tokenize import (
+    PreferenceCollator,
+    TokenizedPair,
+    check_unk_rate,
+    tokenize_and_filter,
+)
 from sail_lightning.objectives import Route
 
 log = logging.getLogger("sail_lightning.data")
@@ -206,7 +211,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_pairs: list[TokenizedPair] | None = None
         self.val_pairs: list[TokenizedPair] = []
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, float] = {}
         self._restored: dict | None = None
         self.train_records: list[PreferenceRecord] = []
         self.val_records: list[PreferenceRecord] = []
@@ -262,10 +267,16 @@ class PreferenceDataModule(L.LightningDataModule):
             val = [records[i] for i in order[:n_val]]
             train = [records[i] for i in order[n_val:]]
         tok_args = (self.tokenizer, hp.max_prompt_length, hp.max_response_length)
+        cut = ReadStats()  # pairs left identical by truncation: dropped, records kept aligned
+        train, self.train_pairs = tokenize_and_filter(tok_args[0], train, *tok_args[1:], stats=cut)
+        val, self.val_pairs = tokenize_and_filter(tok_args[0], val, *tok_args[1:], stats=cut)
         self.train_records = train
         self.val_records = val  # text of the held-out pairs, for judges (evaluation.py)
-        self.train_pairs = tokenize_records(tok_args[0], train, *tok_args[1:])
-        self.val_pairs = tokenize_records(tok_args[0], val, *tok_args[1:])
+        self.stats["data/kept"] += cut.kept
+        self.stats["data/dropped"] += sum(cut.dropped.values())
+        sample = [t for r in train[:200] for t in (r.prompt, r.chosen, r.rejected)]
+        self.stats["data/unk_rate"] = check_unk_rate(self.tokenizer, sample,
+                                                     tokenizer_name=hp.tokenizer, source=hp.source)
         self.fingerprint = _fingerprint(train)
         self.stats.update({"data/train_pairs": len(train), "data/val_pairs": len(val)})
         log.info("train pairs: %d, validation pairs: %d", len(train), len(val))

@@ -37,6 +37,8 @@ ROLES = ("user", "assistant", "system")
 DROP_REASONS = {
     "identical_pair": "chosen and rejected responses are identical",
     "prompt_mismatch": "chosen and rejected answer different prompts",
+    # Counted by data/tokenize.py: the DPO loss of such a pair has no gradient.
+    "identical_tokens": "chosen and rejected have the same token ids after truncation",
 }
 HH_ASSISTANT = "\n\nAssistant:"
 # "^" too, so copies of HH whose leading "\n\n" was stripped still parse.

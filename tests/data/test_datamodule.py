@@ -78,10 +78,24 @@ def test_ultrafeedback_real_file_counts_identical_and_empty_pairs():
     assert identical == 4 and empty >= 1  # line 479 has an empty rejected response
     with pytest.raises(ValueError, match=r"train.jsonl.gz:479: .*rejected"):
         make(source=str(UF))
+    # The synthetic word-level tokenizer maps English words to <unk>: distinct responses
+    # of as many words become identical token ids, and are dropped too.
+    from sail_lightning.synthetic import build_tokenizer
+
+    vocab = build_tokenizer("synthetic").get_vocab()
+
+    def ids(text):
+        return ([w if w in vocab else "<unk>" for w in text.split()] + ["<eos>"])[:256]
+
+    valid = [r for r in rows if all(r[k].strip() for k in ("prompt", "chosen", "rejected"))
+             and r["chosen"] != r["rejected"]]
+    same_ids = sum(ids(r["chosen"]) == ids(r["rejected"]) for r in valid)
+    assert same_ids > 0
     dm = make(source=str(UF), val_fraction=0.1, on_bad_record="skip")
-    assert dm.stats["data/dropped"] == identical
+    assert dm.stats["data/dropped"] == identical + same_ids
     assert dm.stats["data/skipped"] == empty
-    assert len(dm.train_pairs) + len(dm.val_pairs) == 1000 - identical - empty
+    assert len(dm.train_pairs) + len(dm.val_pairs) == 1000 - identical - empty - same_ids
+    assert dm.stats["data/unk_rate"] > 0.5
 
 
 def write_jsonl(path, rows):
@@ -138,3 +152,21 @@ def test_pku_preference_and_columns_reach_the_reader(tmp_path):
         PreferenceDataModule(columns={"answer": "a"})
     with pytest.raises(ValueError, match=r"data\.format must be one of"):
         PreferenceDataModule(format="pkuu")
+
+
+def test_truncation_drops_and_unk_rate_are_counted(tmp_path, caplog):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": "a b =", "chosen": "a b c", "rejected": "a b d"}] * 3
+                + [{"prompt": "a =", "chosen": "c", "rejected": "d"}] * 2)
+    dm = make(source=str(path), val_fraction=0.0, max_response_length=2)
+    assert len(dm.train_pairs) == len(dm.train_records) == 2
+    assert all(r.chosen == "c" for r in dm.train_records)  # records stay aligned with pairs
+    assert dm.stats["data/dropped"] == 3 and dm.stats["data/kept"] == 2
+    assert dm.stats["data/unk_rate"] == 0.0
+    english = tmp_path / "english.jsonl"
+    write_jsonl(english, [{"prompt": "Name a colour.", "chosen": "Blue, I think.",
+                           "rejected": "Seven."}] * 4)
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        dm = make(source=str(english), val_fraction=0.0)
+    assert dm.stats["data/unk_rate"] > 0.5
+    assert "'synthetic'" in caplog.text and "english.jsonl" in caplog.text

@@ -23,11 +23,17 @@ from sail_lightning.data.pool import OnlinePool
 from sail_lightning.data.records import (
     PreferenceRecord,
     ReadStats,
+    check_reading_options,
     looks_like_path,
     read_preference_records,
     records_from_dicts,
 )
-from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, tokenize_records
+from sail_lightning.data.tokenize import (
+    PreferenceCollator,
+    TokenizedPair,
+    check_unk_rate,
+    tokenize_and_filter,
+)
 from sail_lightning.labellers import Labeller
 from sail_lightning.objectives import Route
 
@@ -46,7 +52,12 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: tokenizer name or path (``"synthetic"`` for the embedded task's). Under
             the CLI it is linked from ``model.tokenizer``.
         split: the split to read from a hub dataset.
-        format: ``auto``, ``hh`` (HH-RLHF whole dialogues) or ``prompt`` (prompt/chosen/rejected).
+        format: ``auto``, ``hh`` (HH-RLHF whole dialogues), ``prompt`` (prompt/chosen/rejected)
+            or ``pku`` (PKU-SafeRLHF: prompt, response_0, response_1 and their labels).
+        preference: ``better`` or ``safer``: which PKU-SafeRLHF label picks the chosen response.
+        columns: read fields from other columns, e.g. ``{prompt: question, chosen: good,
+            rejected: bad}`` (fields: prompt, chosen, rejected, response_0, response_1,
+            better_response_id, safer_response_id); applies to ``source`` and ``val_source``.
         val_source: a separate validation source; if unset, ``val_fraction`` of ``source``
             is held out by a seeded split.
         val_split: the split of ``val_source`` (hub datasets).
@@ -87,6 +98,8 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         split: str = "train",
         format: str = "auto",
+        preference: str = "better",
+        columns: dict[str, str] | None = None,
         val_source: str | None = None,
         val_split: str = "test",
         val_fraction: float = 0.05,
@@ -114,7 +127,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_pairs: list[TokenizedPair] | None = None
         self.val_pairs: list[TokenizedPair] = []
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, float] = {}
         self._restored: dict | None = None
         self.train_records: list[PreferenceRecord] = []
         self.val_records: list[PreferenceRecord] = []
@@ -132,7 +145,8 @@ class PreferenceDataModule(L.LightningDataModule):
                                                 on_bad_record=hp.on_bad_record)
         else:
             records, stats = read_preference_records(source, split=split, fmt=hp.format,
-                                                     on_bad_record=hp.on_bad_record, limit=limit)
+                                                     on_bad_record=hp.on_bad_record, limit=limit,
+                                                     preference=hp.preference, columns=hp.columns)
         self._count(source, stats)
         if not records:
             raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")
@@ -169,10 +183,16 @@ class PreferenceDataModule(L.LightningDataModule):
             val = [records[i] for i in order[:n_val]]
             train = [records[i] for i in order[n_val:]]
         tok_args = (self.tokenizer, hp.max_prompt_length, hp.max_response_length)
+        cut = ReadStats()  # pairs left identical by truncation: dropped, records kept aligned
+        train, self.train_pairs = tokenize_and_filter(tok_args[0], train, *tok_args[1:], stats=cut)
+        val, self.val_pairs = tokenize_and_filter(tok_args[0], val, *tok_args[1:], stats=cut)
         self.train_records = train
         self.val_records = val  # text of the held-out pairs, for judges (evaluation.py)
-        self.train_pairs = tokenize_records(tok_args[0], train, *tok_args[1:])
-        self.val_pairs = tokenize_records(tok_args[0], val, *tok_args[1:])
+        self.stats["data/kept"] += cut.kept
+        self.stats["data/dropped"] += sum(cut.dropped.values())
+        sample = [t for r in train[:200] for t in (r.prompt, r.chosen, r.rejected)]
+        self.stats["data/unk_rate"] = check_unk_rate(self.tokenizer, sample,
+                                                     tokenizer_name=hp.tokenizer, source=hp.source)
         self.fingerprint = _fingerprint(train)
         self.stats.update({"data/train_pairs": len(train), "data/val_pairs": len(val)})
         log.info("train pairs: %d, validation pairs: %d", len(train), len(val))
@@ -312,6 +332,7 @@ def _validate(args: dict) -> None:
     if on_bad_record not in _BAD_RECORD_MODES:
         raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
                          f"got {on_bad_record!r}")
+    check_reading_options(args["format"], args["preference"], args["columns"], prefix="data.")
     for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"data.{name} must be in [0, 1], got {value}")

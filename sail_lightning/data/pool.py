@@ -84,11 +84,30 @@ def write_round(path: str, pairs: list[OnlinePair]) -> None:
 
 
 def read_round(path: str) -> list[OnlinePair]:
+    """The pairs of a round file written by :func:`write_round`.
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: A line is not a pair (a file cut off by a full disk or an interrupted
+            copy, or edited by hand); the message names the file and the line.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"online round file {path} (named in the checkpoint's data "
                                 "state) is missing: the generated pairs cannot be restored")
-    with open(path, encoding="utf-8") as f:
-        return [OnlinePair.from_json(json.loads(line)) for line in f if line.strip()]
+    pairs = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                pairs.append(OnlinePair.from_json(json.loads(line.decode("utf-8"))))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}:{number}: malformed JSON in an online round file "
+                                 f"(cut off or corrupt?): {exc}") from exc
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise ValueError(f"{path}:{number}: not an online pair "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    return pairs
 
 
 class OnlinePool:

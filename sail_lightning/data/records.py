@@ -1,39 +1,62 @@
 """Read, validate and normalise preference pairs (prompt / chosen / rejected).
 
-Bad records raise a located :class:`RecordError` or are skipped and counted; valid but
-unusable pairs are always dropped and counted, so nothing disappears silently. HH
-responses are kept verbatim, leading space included (``prompt + chosen`` rebuilds the
-raw dialogue, and BPE tokenizers see " reply" as in pre-training); "prompt"-format
-responses are kept verbatim too.
+Layouts: HH-RLHF whole dialogues, prompt/chosen/rejected records (text or chat messages),
+PKU-SafeRLHF's two labelled responses (``preference`` picks "better" or "safer"), and any
+other through a ``columns`` mapping.
+
+Files, folders and hub datasets are read by ``sources.py``. Bad records raise a located
+:class:`RecordError` or are skipped and counted; valid but unusable pairs are always
+dropped and counted, so nothing disappears silently. HH responses are kept verbatim,
+leading space included (``prompt + chosen`` rebuilds the raw dialogue, and BPE tokenizers
+see " reply" as in pre-training); "prompt"-format responses are kept verbatim too.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from sail_lightning.data.sources import (
+    DIR_SUFFIXES,
+    Item,
+    RecordError,
+    iter_raw_records,
+    looks_like_path,
+    open_source,
+)
+from sail_lightning.data.sources import fail as _fail
+
+# Re-exported: callers import the whole reading API from here.
+__all__ = [
+    "BAD_RECORD_MODES", "COLUMN_FIELDS", "DIR_SUFFIXES", "DROP_REASONS", "FORMATS", "PREFERENCES",
+    "PreferenceRecord", "ReadStats", "RecordError", "check_reading_options", "iter_raw_records",
+    "looks_like_path", "parse_record", "read_preference_records", "records_from_dicts",
+]
 
 logger = logging.getLogger("sail_lightning.data")
 
-FORMATS = ("auto", "hh", "prompt")
+FORMATS = ("auto", "hh", "prompt", "pku")
 BAD_RECORD_MODES = ("error", "skip")
+# PKU-SafeRLHF labels each pair twice; the SAIL paper trains on either preference.
+PREFERENCES = ("better", "safer")
+# The fields a ``columns`` mapping may read from other columns.
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "response_0", "response_1",
+                 "better_response_id", "safer_response_id")
 ROLES = ("user", "assistant", "system")
 DROP_REASONS = {
     "identical_pair": "chosen and rejected responses are identical",
     "prompt_mismatch": "chosen and rejected answer different prompts",
+    # Counted by data/tokenize.py: the DPO loss of such a pair has no gradient.
+    "identical_tokens": "chosen and rejected have the same token ids after truncation",
 }
 HH_ASSISTANT = "\n\nAssistant:"
 # "^" too, so copies of HH whose leading "\n\n" was stripped still parse.
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-_FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
-_DIR_PATTERNS = (".jsonl", ".jsonl.gz", ".parquet")
-_PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,8 @@ class PreferenceRecord:
         chosen: The chosen response text only.
         rejected: The rejected response text only.
         location: "path:line" (1-based) for JSON Lines, "path:row N" (0-based) for parquet,
-            "name[split]:row N" for hub datasets, "name:row N" for records_from_dicts.
+            "path:record N" (0-based) for a JSON array, "name[split]:row N" for hub datasets,
+            "name:row N" for records_from_dicts.
     """
 
     prompt: str
@@ -57,41 +81,31 @@ class PreferenceRecord:
     location: str
 
 
-class RecordError(ValueError):
-    """Bad input; the message starts with the location: 'x.jsonl:17: missing key "rejected"'.
-
-    ``reason`` ("missing_key", "prompt_mismatch", ...) is the key the readers count it under.
-    """
-
-    def __init__(self, message: str, *, reason: str = "invalid", location: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.location = location
-
-
-_Item = tuple[str, object, RecordError | None]  # (location, raw record, error while decoding)
-
-
 @dataclass
 class ReadStats:
-    """Counts from one read; ``read == kept + sum(dropped) + sum(skipped)`` always holds."""
+    """Counts from one read; ``read == kept + sum(dropped) + sum(skipped)`` always holds.
+
+    ``ignored_files`` lists the entries of a folder source that were not read (names,
+    folders with a trailing ``/``); they hold no counted records.
+    """
 
     read: int = 0
     kept: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
+    ignored_files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """Return one line, e.g. ``read 10, kept 9; dropped: identical_pair=1; skipped: none``."""
+        """Return one line, e.g. ``read 10, kept 9; dropped: identical_pair=1; skipped: none``
+        (then ``; ignored files: a.csv, notes.txt`` when a folder held any)."""
         dropped, skipped = (
             ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
             for c in (self.dropped, self.skipped)
         )
-        return f"read {self.read}, kept {self.kept}; dropped: {dropped}; skipped: {skipped}"
-
-
-def _fail(location: str, reason: str, detail: str) -> RecordError:
-    return RecordError(f"{location}: {detail}", reason=reason, location=location)
+        line = f"read {self.read}, kept {self.kept}; dropped: {dropped}; skipped: {skipped}"
+        if self.ignored_files:
+            line += f"; ignored files: {', '.join(self.ignored_files)}"
+        return line
 
 
 def _type(value: object) -> str:
@@ -213,15 +227,92 @@ def _parse_prompt_format(raw: dict, location: str) -> PreferenceRecord:
     return PreferenceRecord(text, messages, chosen, rejected, location)
 
 
-def parse_record(raw: object, location: str, fmt: str = "auto") -> PreferenceRecord:
+def _parse_pku(raw: dict, location: str, preference: str) -> PreferenceRecord:
+    prompt = _str(raw, "prompt", location)
+    if not prompt.strip():
+        raise _fail(location, "empty_field", "empty prompt")
+    key = f"{preference}_response_id"
+    choice = _get(raw, key, location)
+    if isinstance(choice, float) and choice.is_integer():
+        choice = int(choice)  # pandas turns an integer column with a gap into floats
+    if isinstance(choice, bool) or not isinstance(choice, int):
+        raise _fail(location, "bad_type", f'key "{key}" must be 0 or 1, found {_type(choice)}')
+    if choice not in (0, 1):
+        raise _fail(location, "bad_value", f'key "{key}" must be 0 or 1, found {choice}')
+    responses = [_str(raw, f"response_{i}", location) for i in (0, 1)]
+    for i, response in enumerate(responses):
+        if not response.strip():
+            raise _fail(location, "empty_field", f'empty "response_{i}" response')
+    chosen, rejected = responses[choice], responses[1 - choice]
+    return PreferenceRecord(prompt, (("user", prompt),), chosen, rejected, location)
+
+
+def check_reading_options(
+    fmt: str = "auto",
+    preference: str = "better",
+    columns: dict[str, str] | None = None,
+    *,
+    prefix: str = "",
+) -> None:
+    """Raise a ValueError naming the option (``prefix`` + name) if one is invalid.
+
+    Args:
+        fmt: One of :data:`FORMATS`.
+        preference: One of :data:`PREFERENCES`.
+        columns: ``None`` or a mapping from fields of :data:`COLUMN_FIELDS` to column names.
+        prefix: Put before option names in messages (``"data."`` for the DataModule).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"{prefix}{'format' if prefix else 'fmt'} must be one of {FORMATS}, "
+                         f"got {fmt!r}")
+    if preference not in PREFERENCES:
+        raise ValueError(f"{prefix}preference must be one of {PREFERENCES}, got {preference!r}")
+    if columns is None:
+        return
+    if not isinstance(columns, dict):
+        raise ValueError(f"{prefix}columns must be a mapping such as {{prompt: question, "
+                         f"chosen: good, rejected: bad}}, got {_type(columns)}")
+    for key, column in columns.items():
+        if key not in COLUMN_FIELDS:
+            raise ValueError(f"{prefix}columns: unknown field {key!r}, expected some of "
+                             f"{COLUMN_FIELDS}")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"{prefix}columns.{key} must be a column name, got {column!r}")
+
+
+def _rename(raw: dict, columns: dict[str, str], location: str) -> dict:
+    renamed = dict(raw)
+    for key, column in columns.items():
+        if raw.get(column) is None:
+            raise _fail(location, "missing_key", f'missing key "{column}" (columns.{key})')
+        renamed[key] = raw[column]
+    return renamed
+
+
+def parse_record(
+    raw: object,
+    location: str,
+    fmt: str = "auto",
+    *,
+    preference: str = "better",
+    columns: dict[str, str] | None = None,
+) -> PreferenceRecord:
     """Validate one raw record and normalise it.
 
     Args:
         raw: A decoded record (normally a dict).
         location: Where it came from; every error message starts with it.
         fmt: ``"hh"`` (whole-dialogue ``chosen``/``rejected``), ``"prompt"`` (``prompt``,
-            ``chosen``, ``rejected`` as text or chat-message lists) or ``"auto"``: ``prompt``
-            if the record has a ``prompt`` key or message-list responses, else ``hh``.
+            ``chosen``, ``rejected`` as text or chat-message lists), ``"pku"``
+            (PKU-SafeRLHF: ``prompt``, ``response_0``, ``response_1`` and the 0/1 ids
+            ``better_response_id``, ``safer_response_id``) or ``"auto"``: ``pku`` if the
+            record has ``response_0`` and ``response_1``, else ``prompt`` if it has a
+            ``prompt`` key or message-list responses, else ``hh``.
+        preference: For ``pku``: ``"better"`` (helpfulness) or ``"safer"`` (harmlessness)
+            chooses which label makes the chosen response.
+        columns: Read each field from another column, e.g. ``{"prompt": "question",
+            "chosen": "good", "rejected": "bad"}``; fields are those of :data:`COLUMN_FIELDS`,
+            the others keep their own names. Applied before the format is detected.
 
     Returns:
         The record. A pair with ``chosen == rejected`` is returned as is; the readers drop it.
@@ -229,93 +320,33 @@ def parse_record(raw: object, location: str, fmt: str = "auto") -> PreferenceRec
     Raises:
         RecordError: The record is bad, or (``reason == "prompt_mismatch"``) valid but its
             two responses answer different prompts.
-        ValueError: ``fmt`` is not a known format.
+        ValueError: An invalid option (see :func:`check_reading_options`).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    check_reading_options(fmt, preference, columns)
     if not isinstance(raw, dict):
         raise _fail(location, "not_an_object", f"expected a JSON object, found {_type(raw)}")
+    if columns:
+        raw = _rename(raw, columns, location)
     if fmt == "auto":
         is_chat = isinstance(raw.get("chosen"), list) or isinstance(raw.get("rejected"), list)
-        fmt = "prompt" if "prompt" in raw or is_chat else "hh"
+        if "response_0" in raw and "response_1" in raw:
+            fmt = "pku"
+        else:
+            fmt = "prompt" if "prompt" in raw or is_chat else "hh"
+    if fmt == "pku":
+        return _parse_pku(raw, location, preference)
     return _parse_hh(raw, location) if fmt == "hh" else _parse_prompt_format(raw, location)
 
 
-def _iter_file(path: str) -> Iterator[_Item]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        rows = (r for b in pq.ParquetFile(path).iter_batches() for r in b.to_pylist())
-        for number, record in enumerate(rows):
-            yield f"{path}:row {number}", record, None
-        return
-    if not path.endswith((".jsonl", ".json", ".gz")):
-        raise ValueError(f"{path}: unsupported file type, expected one of {_FILE_SUFFIXES}")
-    # Bytes are decoded line by line (not in text mode) so that an invalid UTF-8 line
-    # becomes a located malformed_json record instead of aborting the whole file;
-    # utf-8-sig on line 1 because json.loads rejects a byte-order mark.
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            location, raw, error = f"{path}:{number}", None, None
-            try:
-                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
-                if not text.strip():
-                    continue
-                raw = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                error = _fail(location, "malformed_json", f"malformed JSON: {exc}")
-            yield location, raw, error
-
-
-def looks_like_path(source: str) -> bool:
-    """Whether ``source`` names a local file (missing: an error) rather than a hub dataset."""
-    return source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES)
-
-
-def _iter_source(source: str, split: str) -> Iterator[_Item]:
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.endswith(_DIR_PATTERNS))
-        if not names:
-            raise FileNotFoundError(f"{source}: no {', '.join(_DIR_PATTERNS)} files in directory")
-        for name in names:
-            yield from _iter_file(os.path.join(path, name))
-    elif os.path.exists(path):
-        yield from _iter_file(path)
-    elif looks_like_path(source):
-        raise FileNotFoundError(f"{source}: no such file or directory")
-    else:
-        import datasets
-
-        for row, record in enumerate(datasets.load_dataset(source, split=split)):
-            yield f"{source}[{split}]:row {row}", record, None
-
-
-def iter_raw_records(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
-    """Yield ``(location, raw record)`` from a file, a directory or a hub dataset name.
-
-    Args:
-        source: A ``.jsonl``/``.json``/``.jsonl.gz``/``.parquet`` file, a directory (its
-            ``*.jsonl``, ``*.jsonl.gz``, ``*.parquet`` files, sorted), or a hub dataset name.
-        split: The split to load; used only for hub datasets.
-
-    Raises:
-        RecordError: A JSON line is malformed (location ``path:line``).
-        FileNotFoundError: ``source`` looks like a path but does not exist.
-    """
-    for location, raw, error in _iter_source(source, split):
-        if error is not None:
-            raise error
-        yield location, raw
-
-
 def _collect(
-    items: Iterable[_Item], fmt: str, on_bad_record: str, limit: int | None = None
+    items: Iterable[Item],
+    on_bad_record: str,
+    limit: int | None = None,
+    **options: Any,
 ) -> tuple[list[PreferenceRecord], ReadStats]:
     if on_bad_record not in BAD_RECORD_MODES:
         raise ValueError(f"on_bad_record must be one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    check_reading_options(**options)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     records: list[PreferenceRecord] = []
@@ -326,7 +357,7 @@ def _collect(
         try:
             if error is not None:
                 raise error
-            record = parse_record(raw, location, fmt)
+            record = parse_record(raw, location, **options)
         except RecordError as exc:
             if exc.reason in DROP_REASONS:
                 stats.dropped[exc.reason] += 1
@@ -363,33 +394,49 @@ def read_preference_records(
     fmt: str = "auto",
     on_bad_record: str = "error",
     limit: int | None = None,
+    preference: str = "better",
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[PreferenceRecord], ReadStats]:
     """Read, validate and normalise all preference pairs of a source.
 
     Args:
         source: A file, a directory or a hub dataset name (see :func:`iter_raw_records`).
         split: The split to load; used only for hub datasets.
-        fmt: ``"auto"``, ``"hh"`` or ``"prompt"`` (see :func:`parse_record`).
+        fmt: ``"auto"``, ``"hh"``, ``"prompt"`` or ``"pku"`` (see :func:`parse_record`).
         on_bad_record: ``"error"`` raises on the first bad record; ``"skip"`` skips and
             counts bad records by reason and logs one warning per reason.
         limit: Stop once this many records are kept (``None``: read everything).
+        preference: ``"better"`` or ``"safer"``: PKU-SafeRLHF's label to train on.
+        columns: Field-to-column mapping for other layouts (see :func:`parse_record`).
 
     Returns:
         The kept records, in source order, and the read statistics.
 
     Raises:
         RecordError: A bad record with ``on_bad_record="error"`` (the real HH test files
-            contain a few empty responses, so read HH with ``"skip"``).
+            contain a few empty responses, so read HH with ``"skip"``); a file that cannot
+            be read (truncated or corrupt gzip, broken parquet) in either mode.
         FileNotFoundError: ``source`` looks like a path but does not exist.
-        ValueError: Unknown ``on_bad_record`` or ``fmt``, or a negative ``limit``.
+        ValueError: An invalid ``on_bad_record``, ``fmt``, ``preference`` or ``columns``, or a
+            negative ``limit``.
     """
-    records, stats = _collect(_iter_source(source, split), fmt, on_bad_record, limit)
+    check_reading_options(fmt, preference, columns)
+    items, ignored = open_source(source, split)
+    records, stats = _collect(items, on_bad_record, limit, fmt=fmt, preference=preference,
+                              columns=columns)
+    stats.ignored_files = ignored
     logger.info("%s: %s", source, stats.summary())
     return records, stats
 
 
 def records_from_dicts(
-    rows: Iterable[dict], name: str, *, fmt: str = "auto", on_bad_record: str = "error"
+    rows: Iterable[dict],
+    name: str,
+    *,
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    preference: str = "better",
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[PreferenceRecord], ReadStats]:
     """Validate in-memory rows as :func:`read_preference_records` does.
 
@@ -398,6 +445,8 @@ def records_from_dicts(
         name: Label for locations, which are ``"name:row N"`` (0-based).
         fmt: As in :func:`read_preference_records`.
         on_bad_record: As in :func:`read_preference_records`.
+        preference: As in :func:`read_preference_records`.
+        columns: As in :func:`read_preference_records`.
     """
     items = ((f"{name}:row {i}", row, None) for i, row in enumerate(rows))
-    return _collect(items, fmt, on_bad_record)
+    return _collect(items, on_bad_record, fmt=fmt, preference=preference, columns=columns)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sail_lightning.data.records import PreferenceRecord
+from sail_lightning.data.records import DROP_REASONS, PreferenceRecord, ReadStats
+
+logger = logging.getLogger("sail_lightning.data")
+
+# Above this share of unknown tokens the model is trained on noise: a word-level
+# tokenizer (the synthetic task's) reading English maps nearly every word to <unk>.
+UNK_WARN_RATE = 0.05
 
 
 @dataclass(frozen=True)
@@ -79,11 +86,98 @@ def encode_response(tokenizer, text: str, max_length: int) -> list[int]:
 def tokenize_records(
     tokenizer, records: Sequence[PreferenceRecord], max_prompt_length: int, max_response_length: int
 ) -> list[TokenizedPair]:
-    """Tokenize every record; lengths are limits, so nothing is dropped here."""
+    """Tokenize every record, one pair per record in order; nothing is dropped here.
+
+    Pairs whose responses become identical after truncation are kept: use
+    :func:`tokenize_and_filter` to drop and count them.
+    """
     prompts = encode_prompts(tokenizer, records, max_prompt_length)
     chosen = encode_responses(tokenizer, [r.chosen for r in records], max_response_length)
     rejected = encode_responses(tokenizer, [r.rejected for r in records], max_response_length)
     return [TokenizedPair(p, c, r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+def tokenize_and_filter(
+    tokenizer,
+    records: Sequence[PreferenceRecord],
+    max_prompt_length: int,
+    max_response_length: int,
+    *,
+    stats: ReadStats | None = None,
+) -> tuple[list[PreferenceRecord], list[TokenizedPair]]:
+    """Tokenize every record and drop the pairs whose two responses have the same ids.
+
+    Distinct texts share their ids when they differ only after ``max_response_length``
+    tokens (or only in what the tokenizer drops); the DPO loss of such a pair is constant,
+    and a preference between identical responses is noise. Dropped pairs are logged in
+    one warning with the first location.
+
+    Args:
+        tokenizer: As in :func:`tokenize_records`.
+        records: The records.
+        max_prompt_length: As in :func:`tokenize_records`.
+        max_response_length: As in :func:`tokenize_records`.
+        stats: Updated if given: the dropped pairs move from ``kept`` to
+            ``dropped["identical_tokens"]``, so the stats of the read stay consistent.
+
+    Returns:
+        The kept records and their pairs, aligned, in order.
+    """
+    pairs = tokenize_records(tokenizer, records, max_prompt_length, max_response_length)
+    keep = [i for i, p in enumerate(pairs) if p.chosen_ids != p.rejected_ids]
+    dropped = len(pairs) - len(keep)
+    if dropped:
+        first = next(r.location for r, p in zip(records, pairs, strict=True)
+                     if p.chosen_ids == p.rejected_ids)
+        logger.warning("dropped %d pair(s) [identical_tokens: %s, max_response_length=%d], "
+                       "first at %s", dropped, DROP_REASONS["identical_tokens"],
+                       max_response_length, first)
+        if stats is not None:
+            stats.dropped["identical_tokens"] += dropped
+            stats.kept -= dropped
+    return [records[i] for i in keep], [pairs[i] for i in keep]
+
+
+def unk_rate(tokenizer, texts: Sequence[str]) -> float:
+    """The share of the tokens of ``texts`` that are the tokenizer's unknown token.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer; one without an unknown token (byte-level BPE
+            has none: every byte is in its vocabulary) gives 0.0.
+        texts: Plain texts, tokenized without special tokens.
+
+    Returns:
+        ``unknown tokens / tokens``, 0.0 when there are no tokens.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not texts:
+        return 0.0
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    total = sum(len(x) for x in ids)
+    return sum(x.count(unk) for x in ids) / total if total else 0.0
+
+
+def check_unk_rate(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    tokenizer_name: str,
+    source: str,
+    threshold: float = UNK_WARN_RATE,
+) -> float:
+    """:func:`unk_rate`, with a warning naming the tokenizer and the source above ``threshold``.
+
+    Returns:
+        The rate (the DataModule logs it as ``data/unk_rate``).
+    """
+    rate = unk_rate(tokenizer, texts)
+    if rate > threshold:
+        logger.warning(
+            "tokenizer %r maps %.1f%% of the tokens of %s to its unknown token %r (more than "
+            "%.0f%%): the model would learn from noise; use a tokenizer that covers the text "
+            "(data.tokenizer, linked from model.tokenizer)", tokenizer_name, 100 * rate, source,
+            tokenizer.unk_token, 100 * threshold)
+    return rate
 
 
 class PreferenceCollator:

@@ -70,10 +70,24 @@ def test_ultrafeedback_real_file_counts_identical_and_empty_pairs():
     assert identical == 4 and empty >= 1  # line 479 has an empty rejected response
     with pytest.raises(ValueError, match=r"train.jsonl.gz:479: .*rejected"):
         make(source=str(UF))
+    # The synthetic word-level tokenizer maps English words to <unk>: distinct responses
+    # of as many words become identical token ids, and are dropped too.
+    from sail_lightning.tokenizer import build_tokenizer
+
+    vocab = build_tokenizer("synthetic").get_vocab()
+
+    def ids(text):
+        return ([w if w in vocab else "<unk>" for w in text.split()] + ["<eos>"])[:256]
+
+    valid = [r for r in rows if all(r[k].strip() for k in ("prompt", "chosen", "rejected"))
+             and r["chosen"] != r["rejected"]]
+    same_ids = sum(ids(r["chosen"]) == ids(r["rejected"]) for r in valid)
+    assert same_ids > 0
     dm = make(source=str(UF), val_fraction=0.1, on_bad_record="skip")
-    assert dm.stats["data/dropped"] == identical
+    assert dm.stats["data/dropped"] == identical + same_ids
     assert dm.stats["data/skipped"] == empty
-    assert len(dm.train_pairs) + len(dm.val_pairs) == 1000 - identical - empty
+    assert len(dm.train_pairs) + len(dm.val_pairs) == 1000 - identical - empty - same_ids
+    assert dm.stats["data/unk_rate"] > 0.5
 
 
 def write_jsonl(path, rows):
@@ -109,3 +123,42 @@ def test_state_dict_round_trip_and_mismatch_is_refused():
     other = make(num_synthetic_pairs=100, seed=1)
     with pytest.raises(ValueError, match="other data"):
         other.load_state_dict(state)
+
+
+def test_pku_preference_and_columns_reach_the_reader(tmp_path):
+    pku = tmp_path / "pku.jsonl"
+    write_jsonl(pku, [{"prompt": "a b =", "response_0": "a a", "response_1": "b b",
+                       "better_response_id": 0, "safer_response_id": 1}] * 4)
+    better = make(source=str(pku), val_fraction=0.0)
+    safer = make(source=str(pku), val_fraction=0.0, preference="safer")
+    assert [r.chosen for r in better.train_records] == ["a a"] * 4
+    assert [r.chosen for r in safer.train_records] == ["b b"] * 4
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"q": "a b =", "good": "a b", "bad": "b a"}] * 3)
+    dm = make(source=str(other), val_fraction=0.0,
+              columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert [(r.prompt, r.chosen) for r in dm.train_records] == [("a b =", "a b")] * 3
+    with pytest.raises(ValueError, match=r"data\.preference must be one of"):
+        PreferenceDataModule(preference="kind")
+    with pytest.raises(ValueError, match=r"data\.columns: unknown field 'answer'"):
+        PreferenceDataModule(columns={"answer": "a"})
+    with pytest.raises(ValueError, match=r"data\.format must be one of"):
+        PreferenceDataModule(format="pkuu")
+
+
+def test_truncation_drops_and_unk_rate_are_counted(tmp_path, caplog):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": "a b =", "chosen": "a b c", "rejected": "a b d"}] * 3
+                + [{"prompt": "a =", "chosen": "c", "rejected": "d"}] * 2)
+    dm = make(source=str(path), val_fraction=0.0, max_response_length=2)
+    assert len(dm.train_pairs) == len(dm.train_records) == 2
+    assert all(r.chosen == "c" for r in dm.train_records)  # records stay aligned with pairs
+    assert dm.stats["data/dropped"] == 3 and dm.stats["data/kept"] == 2
+    assert dm.stats["data/unk_rate"] == 0.0
+    english = tmp_path / "english.jsonl"
+    write_jsonl(english, [{"prompt": "Name a colour.", "chosen": "Blue, I think.",
+                           "rejected": "Seven."}] * 4)
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        dm = make(source=str(english), val_fraction=0.0)
+    assert dm.stats["data/unk_rate"] > 0.5
+    assert "'synthetic'" in caplog.text and "english.jsonl" in caplog.text

@@ -417,11 +417,68 @@ def test_directory_source_reads_sorted_supported_files(tmp_path):
         f"{tmp_path / 'b.jsonl'}:1",
         f"{tmp_path / 'c.parquet'}:row 0",
     ]
-    assert stats.kept == 3
+    assert stats.kept == 3 and stats.ignored_files == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="empty"):
+    (empty / "pairs.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(FileNotFoundError, match=r"empty: no .*\(it holds: pairs\.csv\)"):
         read_preference_records(str(empty))
+
+
+def test_directory_source_reads_every_format_and_names_the_rest(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def uf(i: int) -> dict:
+        return {**GOOD_UF, "prompt": f"Question {i}?"}
+
+    def gz(name: str, text: str) -> None:
+        with gzip.open(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+    lines = "".join(json.dumps(uf(i)) + "\n" for i in range(3))
+    write_jsonl(tmp_path / "a.jsonl", [uf(i) for i in range(3)])
+    (tmp_path / "b.json").write_text(json.dumps([uf(i) for i in range(4)], indent=2))
+    (tmp_path / "c.json").write_text(lines)  # JSON Lines named .json (datasets' to_json)
+    gz("d.json.gz", json.dumps([uf(i) for i in range(2)]))
+    gz("e.jsonl.gz", lines)
+    pq.write_table(pa.Table.from_pylist([uf(i) for i in range(3)]), tmp_path / "f.parquet")
+    # Not read: named in a warning and in the stats. Five records in the folder's data
+    # files are in formats it does not read.
+    gz("g.gz", lines)
+    (tmp_path / "h.csv").write_text("prompt,chosen,rejected\nq,a,b\nr,c,d\n")
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "x.jsonl", [uf(0)])
+    (tmp_path / ".hidden.jsonl").write_text("{broken")  # skipped unlisted, like _SUCCESS
+    (tmp_path / "_SUCCESS").write_text("")
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        records, stats = read_preference_records(str(tmp_path))
+    assert stats.read == stats.kept == len(records) == 3 + 4 + 3 + 2 + 3 + 3
+    files = [r.location.rsplit(":", 1)[0] for r in records]
+    assert sorted(set(files)) == [str(tmp_path / n) for n in
+                                  ("a.jsonl", "b.json", "c.json", "d.json.gz", "e.jsonl.gz",
+                                   "f.parquet")]
+    assert records[3].location == f"{tmp_path / 'b.json'}:record 0"
+    assert records[7].location == f"{tmp_path / 'c.json'}:1"
+    assert stats.ignored_files == ["g.gz", "h.csv", "notes.txt", "sub/"]
+    assert stats.summary().endswith("; ignored files: g.gz, h.csv, notes.txt, sub/")
+    warning = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(warning) == 1 and "4 file(s)" in warning[0] and "h.csv" in warning[0]
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([GOOD_UF, GOOD_HH, {"prompt": "p"}], indent=2))
+    records, stats = read_preference_records(str(path), on_bad_record="skip")
+    assert [r.location for r in records] == [f"{path}:record 0", f"{path}:record 1"]
+    assert stats.skipped == {"missing_key": 1}
+    with pytest.raises(RecordError, match=rf'^{path}:record 2: missing key "chosen"'):
+        read_preference_records(str(path))
+    # A syntax error leaves the rest of the array unreadable: an error in both modes.
+    path.write_text(json.dumps([GOOD_UF, GOOD_UF], indent=2)[:-10] + "\n]")
+    with pytest.raises(RecordError, match=rf"^{path}:\d+: malformed JSON array"):
+        read_preference_records(str(path), on_bad_record="skip")
 
 
 def test_records_from_dicts_locations_and_skip():
@@ -471,3 +528,156 @@ def test_bad_options_raise_value_error(tmp_path):
         records_from_dicts([GOOD_UF], "mem", on_bad_record="warn")
     with pytest.raises(ValueError, match="fmt"):
         read_preference_records(str(path), fmt="alpaca")
+
+
+# --- unreadable files: always an error naming the file, whatever on_bad_record says --------
+
+
+def gz_rows(n: int) -> bytes:
+    rows = [{**GOOD_UF, "prompt": f"Q{i}?", "chosen": f"Answer {i} " * 20} for i in range(n)]
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0)
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_truncated_gzip_names_file_and_line(tmp_path, mode):
+    path = tmp_path / "cut.jsonl.gz"
+    data = gz_rows(300)
+    path.write_bytes(data[: len(data) // 2])
+    with gzip.open(tmp_path / "cut.jsonl.gz", "rb") as f:  # how many lines survive the cut
+        complete = 0
+        try:
+            for _ in f:
+                complete += 1
+        except EOFError:
+            pass
+    assert 0 < complete < 300
+    with pytest.raises(RecordError, match=rf"^{path}:{complete + 1}: truncated gzip") as info:
+        read_preference_records(str(path), on_bad_record=mode)
+    assert info.value.reason == "unreadable_file"
+    assert f"after line {complete}" in str(info.value)
+
+
+def test_corrupt_gzip_names_file(tmp_path):
+    data = bytearray(gz_rows(50))
+    data[40:100] = bytes(60)  # zeroed deflate data inside the first block
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecordError, match=rf"^{path}:\d+: corrupt gzip data"):
+        read_preference_records(str(path), on_bad_record="skip")
+
+
+def test_plain_text_named_gz_names_file(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl.gz", [GOOD_UF])
+    with pytest.raises(RecordError, match=rf"^{path}: not a gzip file"):
+        read_preference_records(str(path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_broken_parquet_names_file(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD_UF] * 10), path)
+    data = path.read_bytes()
+    path.write_bytes(b"PAR1 not parquet" if damage == "garbage" else data[: len(data) - 20])
+    with pytest.raises(RecordError, match=rf"^{path}: not a readable parquet file") as info:
+        read_preference_records(str(path), on_bad_record="skip")
+    assert info.value.reason == "unreadable_file"
+
+
+# --- PKU-SafeRLHF and column mappings ----------------------------------------------------
+
+PKU = {  # the PKU-SafeRLHF layout; the two labels disagree, as they often do there
+    "prompt": "How do I pick a lock?",
+    "response_0": "Insert a tension wrench, then rake the pins until they set.",
+    "response_1": "I can't help with opening locks you do not own.",
+    "better_response_id": 0,
+    "safer_response_id": 1,
+    "is_response_0_safe": False,
+    "is_response_1_safe": True,
+}
+
+
+def test_pku_better_and_safer_preferences(tmp_path):
+    rows = [PKU, {**PKU, "prompt": "Second?", "better_response_id": 1}]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
+    better, stats = read_preference_records(str(path))  # auto-detected
+    safer, _ = read_preference_records(str(path), fmt="pku", preference="safer")
+    assert stats.kept == 2
+    assert better[0].messages == (("user", PKU["prompt"]),) and better[0].prompt == PKU["prompt"]
+    assert (better[0].chosen, better[0].rejected) == (PKU["response_0"], PKU["response_1"])
+    assert (better[1].chosen, better[1].rejected) == (PKU["response_1"], PKU["response_0"])
+    assert [(r.chosen, r.rejected) for r in safer] == [(PKU["response_1"], PKU["response_0"])] * 2
+    in_memory, _ = records_from_dicts(rows, "pku", preference="safer")
+    assert [(r.chosen, r.rejected) for r in in_memory] == [(r.chosen, r.rejected) for r in safer]
+
+
+PKU_BAD = [  # (record, reason, text the message must contain)
+    ({**PKU, "better_response_id": 2}, "bad_value", '"better_response_id" must be 0 or 1, found 2'),
+    ({**PKU, "better_response_id": "0"}, "bad_type", "found str"),
+    ({**PKU, "better_response_id": True}, "bad_type", "found bool"),
+    ({k: v for k, v in PKU.items() if k != "better_response_id"}, "missing_key",
+     '"better_response_id"'),
+    ({**PKU, "response_1": " "}, "empty_field", '"response_1"'),
+    ({**PKU, "prompt": None}, "missing_key", '"prompt"'),
+]
+
+
+@pytest.mark.parametrize(("row", "reason", "needle"), PKU_BAD, ids=[b[1] for b in PKU_BAD])
+def test_pku_bad_record_names_file_and_line(tmp_path, row, reason, needle):
+    path = write_jsonl(tmp_path / "pku.jsonl", [PKU, row])
+    with pytest.raises(RecordError, match=rf"^{path}:2: ") as info:
+        read_preference_records(str(path), fmt="pku")
+    assert needle in str(info.value) and info.value.reason == reason
+    records, stats = read_preference_records(str(path), fmt="pku", on_bad_record="skip")
+    assert len(records) == 1 and stats.skipped == {reason: 1}
+
+
+def test_pku_identical_responses_dropped_and_float_labels_accepted():
+    same = {**PKU, "response_1": PKU["response_0"]}
+    records, stats = records_from_dicts([same, {**PKU, "safer_response_id": 1.0}], "m",
+                                        preference="safer")
+    assert stats.dropped == {"identical_pair": 1}
+    assert records[0].chosen == PKU["response_1"]
+
+
+def test_column_mapping_reads_any_layout(tmp_path):
+    rows = [{"question": "Name a colour.", "good": "Blue.", "bad": "Seven.", "prompt": "x"}]
+    path = write_jsonl(tmp_path / "other.jsonl", rows + [{"question": "q", "good": "a"}])
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    records, stats = read_preference_records(str(path), columns=columns, on_bad_record="skip")
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [("Name a colour.", "Blue.",
+                                                                     "Seven.")]
+    assert stats.skipped == {"missing_key": 1}
+    with pytest.raises(RecordError, match=rf'^{path}:2: missing key "bad" \(columns\.rejected\)'):
+        read_preference_records(str(path), columns=columns)
+    # Only some fields mapped: the others keep their names; HH dialogues under other names.
+    partial, _ = records_from_dicts([{"q": "Hi?", "chosen": "A", "rejected": "B"}], "m",
+                                    columns={"prompt": "q"})
+    assert partial[0].prompt == "Hi?"
+    hh_rows = [{"win": GOOD_HH["chosen"], "lose": GOOD_HH["rejected"]}]
+    hh_records, _ = records_from_dicts(hh_rows, "m", columns={"chosen": "win", "rejected": "lose"})
+    assert hh_records[0].chosen == " Hello!"
+    # PKU-style fields under other names.
+    renamed = {"instruction": PKU["prompt"], "a": PKU["response_0"], "b": PKU["response_1"],
+               "label": 1}
+    pku, _ = records_from_dicts([renamed], "m", fmt="pku", columns={
+        "prompt": "instruction", "response_0": "a", "response_1": "b",
+        "better_response_id": "label"})
+    assert pku[0].chosen == PKU["response_1"]
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"preference": "helpful"}, "preference must be one of"),
+    ({"columns": {"answer": "x"}}, "unknown field 'answer'"),
+    ({"columns": {"prompt": ""}}, "columns.prompt must be a column name"),
+    ({"columns": ["prompt"]}, "columns must be a mapping"),
+    ({"fmt": "safe"}, "fmt must be one of"),
+])
+def test_bad_reading_options_raise_value_error(tmp_path, options, needle):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD_UF])
+    with pytest.raises(ValueError, match=needle):
+        read_preference_records(str(path), **options)
+    with pytest.raises(ValueError, match=needle):
+        records_from_dicts([GOOD_UF], "m", **options)

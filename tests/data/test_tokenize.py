@@ -66,3 +66,48 @@ def test_batched_tokenization_equals_one_call_per_text(synthetic_tokenizer):
         single = [(encode_prompt(tok, r, 6), encode_response(tok, r.chosen, 5),
                    encode_response(tok, r.rejected, 5)) for r in records]
         assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in batched] == single
+
+
+def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(synthetic_tokenizer,
+                                                                         caplog):
+    import logging
+
+    from sail_lightning.data.records import ReadStats
+    from sail_lightning.data.tokenize import tokenize_and_filter
+
+    records = [record(chosen="a b c d", rejected="a b d c"),  # same first 2 tokens
+               record(chosen="a b", rejected="b a"),
+               record(chosen="c c c", rejected="c c c d")]
+    for r, loc in zip(records, ("x:1", "x:2", "x:3"), strict=True):
+        object.__setattr__(r, "location", loc)
+    stats = ReadStats(read=3, kept=3)
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        kept, pairs = tokenize_and_filter(synthetic_tokenizer, records, 16, 2, stats=stats)
+    assert kept == [records[1]] and len(pairs) == 1
+    assert pairs[0].chosen_ids != pairs[0].rejected_ids
+    assert stats.kept == 1 and stats.dropped == {"identical_tokens": 2}
+    assert stats.read == stats.kept + sum(stats.dropped.values())
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "dropped 2 pair(s) [identical_tokens" in message and "first at x:1" in message
+    # Long enough to tell them apart: nothing dropped, the same pairs as tokenize_records.
+    kept, pairs = tokenize_and_filter(synthetic_tokenizer, records, 16, 16)
+    assert kept == records and pairs == tokenize_records(synthetic_tokenizer, records, 16, 16)
+
+
+def test_unk_rate_catches_a_tokenizer_that_does_not_cover_the_text(synthetic_tokenizer, caplog):
+    import logging
+
+    from sail_lightning.data.tokenize import check_unk_rate, unk_rate
+
+    assert unk_rate(synthetic_tokenizer, ["a b c", "d a"]) == 0.0
+    assert unk_rate(synthetic_tokenizer, ["a b Hello world"]) == 0.5
+    assert unk_rate(synthetic_tokenizer, []) == 0.0
+    english = ["How do I cook rice?", "Rinse it, then simmer with water."]
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        rate = check_unk_rate(synthetic_tokenizer, english, tokenizer_name="synthetic",
+                              source="uf.jsonl")
+        assert check_unk_rate(synthetic_tokenizer, ["a b"], tokenizer_name="synthetic",
+                              source="ok.jsonl") == 0.0
+    assert rate == 1.0
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "'synthetic'" in message and "uf.jsonl" in message and "100.0%" in message

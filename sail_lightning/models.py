@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,18 @@ import torch
 from torch import nn
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _NoKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' notice that the optional ``kernels`` package is missing, which it
+    logs at import on CPUs with AVX512-BF16 (every run imports it through peft): that kernel
+    only speeds up 4-bit inference, which ``_no_cpu_inference_repack`` turns off anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsNotice())
 
 
 @dataclass

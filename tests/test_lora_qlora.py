@@ -275,3 +275,16 @@ def test_qlora_bf16_trains_the_adapters_under_bf16_mixed(tiny_model_dir, tmp_pat
     changed = {n for n in before if not same_bits(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
     assert any("lora_B" in n for n in changed)
+
+
+def test_importing_the_library_and_bitsandbytes_prints_no_kernels_notice():
+    # bitsandbytes logs a notice about the optional `kernels` package at import on CPUs with
+    # AVX512-BF16, on every run (peft imports it); the library drops that one message.
+    import subprocess
+    import sys
+
+    code = "import sail_lightning.cli, peft, bitsandbytes"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "kernels" not in out.stderr + out.stdout
+

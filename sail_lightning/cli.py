@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
+
+DESCRIPTION = """\
+sail-lightning: SAIL and the online DPO family (DPO, IPO, SAIL-DP/PP/PR, online and iterative
+DPO, SELM, XPO) as PyTorch Lightning modules.
+
+commands:
+  fit            train (sail-lightning fit -c configs/quickstart.yaml)
+  validate       evaluate a checkpoint (... validate -c <config> --ckpt_path <file>)
+  serve-reward   host a reward model over HTTP (sail-lightning serve-reward --help)
+
+Options of a command: `sail-lightning fit --help`; of a callback in the config:
+`sail-lightning fit --trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback`
+(also sail_lightning.evaluation.EvaluationCallback, sail_lightning.export.ExportPolicyCallback).
+"""
+
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's lines kept as written."""
 
 
 def _tokenizer_name(model_name_or_path: str | None, tokenizer: str | None) -> str | None:
@@ -15,24 +37,54 @@ def _tokenizer_name(model_name_or_path: str | None, tokenizer: str | None) -> st
 
 
 class SAILCLI(LightningCLI):
+    """LightningCLI with the commands that work for this library (``fit``, ``validate``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `test` and `predict` need a test_step / forward that SAILModule does not have.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer per run: the model's, handed to the data.
         parser.link_arguments(("model.model_name_or_path", "model.tokenizer"), "data.tokenizer",
                               compute_fn=_tokenizer_name)
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
         # The module's hparams come from this config under the CLI: name the tokenizer the
         # data was given, or Lightning refuses the two hparams (same key, different values).
-        config = self.config[self.subcommand] if self.subcommand else self.config
         config.model.tokenizer = _tokenizer_name(config.model.model_name_or_path,
                                                  config.model.tokenizer)
+        _place_logs(config)
+
+
+def _place_logs(config: Any) -> None:
+    """The default logger (``trainer.logger: true``) is a CSVLogger in
+    ``<trainer.default_root_dir>/<method>/version_N``, the method named by
+    ``MethodSpec.name``: runs of different methods do not share a folder, and
+    ``--trainer.default_root_dir`` moves logs, checkpoints and rounds together."""
+    from jsonargparse import Namespace
+
+    from sail_lightning.method import MethodSpec
+
+    trainer = config.trainer
+    if trainer.logger is not True:
+        return  # a logger the config names, or none
+    callbacks = trainer.callbacks or []
+    generation = next((dict(c.init_args or {}) for c in callbacks
+                       if str(getattr(c, "class_path", "")).endswith("PairGenerationCallback")),
+                      None)
+    name = MethodSpec.from_options(dict(config.model), dict(config.data), generation).name
+    trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                               init_args=Namespace(save_dir=trainer.default_root_dir or ".",
+                                                   name=name))
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run ``sail-lightning <subcommand> ...``; ``args`` replaces ``sys.argv`` (tests).
+    """Run ``sail-lightning <command> ...``; ``args`` replaces ``sys.argv`` (tests).
 
     ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) is no Lightning
-    subcommand and has a parser of its own; every other subcommand is LightningCLI's.
+    subcommand and has a parser of its own; ``fit`` and ``validate`` are LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "serve-reward":
@@ -45,6 +97,7 @@ def main(args: list[str] | None = None) -> None:
         PreferenceDataModule,
         seed_everything_default=0,  # an explicit seed: two runs of one config match
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter},
         args=args,
     )
 

@@ -8,10 +8,13 @@ checks that they agree, once, before any model is built, and names the method.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
+_MODEL_FIELDS = ("coef_dp", "coef_pp", "coef_pr", "loss_type", "bonus_alpha", "bonus_form")
+_DATA_FIELDS = ("mix_dp", "mix_pp", "mix_pr")
 
 
 @dataclass(frozen=True)
@@ -46,26 +49,37 @@ class MethodSpec:
     update_reference: bool = False
 
     @classmethod
+    def from_options(cls, model: Mapping[str, Any], data: Mapping[str, Any],
+                     generation: Mapping[str, Any] | None, labeller: Any = None) -> MethodSpec:
+        """The spec of ``SAILModule``'s options ``model``, ``PreferenceDataModule``'s ``data``
+        and ``PairGenerationCallback``'s ``generation`` (None without that callback), whose
+        online pairs ``labeller`` labels (an object, or a class name)."""
+        from sail_lightning.labellers import Labeller
+
+        fields = {k: model[k] for k in _MODEL_FIELDS if model.get(k) is not None}
+        fields.update({k: data[k] for k in _DATA_FIELDS if data.get(k) is not None})
+        gen = dict(generation or {})
+        name = labeller if isinstance(labeller, str) or labeller is None else (
+            type(labeller).__name__)
+        scores = isinstance(labeller, Labeller) and type(labeller).score is not Labeller.score
+        return cls(**fields, pair_mode=gen.get("pair_mode", "two_samples") if generation is not
+                   None else None, labeller=name, labeller_scores=scores,
+                   update_reference=bool(gen.get("update_reference", False)))
+
+    @classmethod
     def from_trainer(cls, trainer: Any) -> MethodSpec:
         """Reads the spec from a trainer's LightningModule, DataModule and callbacks."""
         from sail_lightning.callbacks import PairGenerationCallback
-        from sail_lightning.labellers import Labeller
 
-        model = dict(trainer.lightning_module.hparams)
         dm = trainer.datamodule
-        data = dict(getattr(dm, "hparams", {}) or {})
         gen = next((c for c in trainer.callbacks if isinstance(c, PairGenerationCallback)), None)
         labeller = None
         if gen is not None:
             labeller = gen.labeller if gen.labeller is not None else getattr(dm, "oracle", None)
-        scores = labeller is not None and type(labeller).score is not Labeller.score
-        fields = {k: model[k] for k in ("coef_dp", "coef_pp", "coef_pr", "loss_type",
-                                         "bonus_alpha", "bonus_form") if k in model}
-        fields.update({k: data[k] for k in ("mix_dp", "mix_pp", "mix_pr") if k in data})
-        return cls(**fields, pair_mode=gen.pair_mode if gen is not None else None,
-                   labeller=type(labeller).__name__ if labeller is not None else None,
-                   labeller_scores=scores,
-                   update_reference=gen is not None and gen.update_reference)
+        options = None if gen is None else {"pair_mode": gen.pair_mode,
+                                            "update_reference": gen.update_reference}
+        return cls.from_options(dict(trainer.lightning_module.hparams),
+                                dict(getattr(dm, "hparams", {}) or {}), options, labeller)
 
     @property
     def online(self) -> bool:

@@ -14,8 +14,7 @@ QUICK = str(CONFIGS / "quickstart.yaml")
 
 
 def out_args(tmp_path):
-    return [f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    return [f"--trainer.default_root_dir={tmp_path}"]
 
 
 def small(tmp_path, epochs=2):
@@ -28,7 +27,7 @@ def small(tmp_path, epochs=2):
 
 
 def metrics(tmp_path):
-    (path,) = tmp_path.glob("csv/version_*/metrics.csv")
+    (path,) = tmp_path.glob("*/version_*/metrics.csv")
     return list(csv.DictReader(path.open()))
 
 
@@ -42,7 +41,11 @@ def test_quickstart_as_written_learns(tmp_path):
     acc = column(rows, "val/rewards/accuracies")
     assert len(acc) == 3 and acc[-1] > 0.5
     assert column(rows, "data/train_pairs") == [3600.0]
-    assert (tmp_path / "csv").exists() and list(tmp_path.rglob("*.ckpt"))
+    # Filed under the method's name, checkpoints and rounds beside the logs.
+    run = tmp_path / "sail_pr" / "version_0"
+    assert (run / "metrics.csv").exists() and list((run / "checkpoints").glob("*.ckpt"))
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == [
+        "round_0000.jsonl", "round_0001.jsonl", "round_0002.jsonl"]
 
 
 def print_config(capsys, args):
@@ -123,3 +126,36 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "sail_lightning", "fit", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--model.coef_dp" in out.stdout and "--data.mix_dp" in out.stdout
+
+
+def test_top_level_help_says_what_the_tool_is_and_offers_what_works():
+    out = subprocess.run([sys.executable, "-m", "sail_lightning", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for text in ("SAIL and the online DPO family", "serve-reward", "{fit,validate}",
+                 "--trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback"):
+        assert text in out.stdout, text
+    for gone in ("test", "predict"):  # no test_step / forward: refused, not offered
+        with pytest.raises(SystemExit):
+            main([gone, "-c", QUICK])
+
+
+def test_callback_options_are_reachable_from_fit_help():
+    out = subprocess.run([sys.executable, "-m", "sail_lightning", "fit", "--trainer.callbacks.help",
+                          "sail_lightning.callbacks.PairGenerationCallback"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--trainer.callbacks.pair_mode" in out.stdout
+
+
+@pytest.mark.parametrize("method,folder", [("dpo", "dpo"), ("sail_dp", "sail_dp")])
+def test_runs_are_filed_under_default_root_dir_and_the_method(tmp_path, method, folder):
+    main(["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / f"{method}.yaml"),
+          *small(tmp_path / "root", epochs=1)])
+    assert (tmp_path / "root" / folder / "version_0" / "metrics.csv").exists()
+    # A logger the config names is kept as it is.
+    main(["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / f"{method}.yaml"),
+          *small(tmp_path / "root", epochs=1),
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.name=mine",
+          f"--trainer.logger.save_dir={tmp_path / 'elsewhere'}"])
+    assert (tmp_path / "elsewhere" / "mine" / "version_0" / "metrics.csv").exists()
+

@@ -57,13 +57,12 @@ def test_kl_is_positive_once_the_policy_moves(setup):
 
 def test_validate_command_reports_the_evaluation(tmp_path):
     out = [f"--trainer.default_root_dir={tmp_path}",
-           f"--trainer.logger.init_args.save_dir={tmp_path}",
            "--trainer.enable_progress_bar=false", "--data.num_synthetic_pairs=200"]
     main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), *out, "--trainer.max_epochs=1",
           "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"])
     (ckpt,) = tmp_path.rglob("*.ckpt")
     main(["validate", "-c", str(CONFIGS / "quickstart.yaml"), *out, f"--ckpt_path={ckpt}"])
-    (path,) = sorted(tmp_path.glob("csv/version_*/metrics.csv"))[-1:]
+    (path,) = sorted(tmp_path.glob("*/version_*/metrics.csv"))[-1:]
     rows = list(csv.DictReader(path.open()))
     keys = {k for r in rows for k, v in r.items() if v}
     for key in ("val/eval_reward", "val/win_rate_vs_ref", "val/win_rate_vs_chosen", "val/kl",

@@ -20,7 +20,7 @@ def test_fit_with_a_model_by_path_and_its_own_tokenizer(tmp_path, tiny_model_dir
     rows = fit_own(tmp_path / "run", f"--model.model_name_or_path={tiny_model_dir}",
                    "--model.tokenizer=null")
     assert column(rows, "val/rewards/accuracies")
-    hparams = yaml.safe_load(next((tmp_path / "run").glob("csv/version_*/hparams.yaml"))
+    hparams = yaml.safe_load(next((tmp_path / "run").glob("*/version_*/hparams.yaml"))
                              .read_text())
     assert hparams["tokenizer"] == str(tiny_model_dir)
 

@@ -58,3 +58,25 @@ def test_real_model_configs_fit_a_small_local_model(tmp_path, synthetic_tokenize
     rows = metrics(tmp_path / "run")
     assert column(rows, "val/rewards/accuracies")
     assert column(rows, "gen/round")  # the online loop ran with the model's own tokenizer
+
+
+def test_own_data_with_a_tokenizer_that_does_not_cover_it_is_warned_and_logged(tmp_path,
+                                                                              caplog):
+    # The quickstart's word-level tokenizer on English: every word is <unk>. The run goes
+    # on (a user may mean it) but says so, naming the tokenizer and the source, and logs the
+    # rate where dashboards show it.
+    import logging
+
+    from sail_lightning.data import samples
+
+    source = samples.path("hh-rlhf")
+    args = ["fit", "-c", QUICK, "-c", str(CONFIGS / "method" / "dpo.yaml"),
+            *small(tmp_path, epochs=1), f"--data.source={source}", "--data.format=hh"]
+    # The quickstart's oracle is the synthetic task's truth: named, before any model is built.
+    with pytest.raises(ValueError, match=r"data\.oracle \(OracleLabeller\) cannot score"):
+        main(args)
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        main([*args, "--data.oracle=null"])
+    warning = next(r.getMessage() for r in caplog.records if "unknown token" in r.getMessage())
+    assert "'synthetic'" in warning and source in warning
+    assert column(metrics(tmp_path), "data/unk_rate")[0] > 0.5

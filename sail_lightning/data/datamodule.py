@@ -193,6 +193,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sample = [t for r in train[:200] for t in (r.prompt, r.chosen, r.rejected)]
         self.stats["data/unk_rate"] = check_unk_rate(self.tokenizer, sample,
                                                      tokenizer_name=hp.tokenizer, source=hp.source)
+        _check_oracle(self.oracle, train[:1] or val[:1], hp.source)
         self.fingerprint = _fingerprint(train)
         self.stats.update({"data/train_pairs": len(train), "data/val_pairs": len(val)})
         log.info("train pairs: %d, validation pairs: %d", len(train), len(val))
@@ -351,3 +352,19 @@ def _validate(args: dict) -> None:
         path = args[name]
         if path and looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"data.{name}: no such file or folder: {path}")
+
+
+def _check_oracle(oracle: Labeller | None, records: list[PreferenceRecord], source: str) -> None:
+    """An oracle that cannot score this data fails now, naming ``data.oracle``, not at the
+    first round or evaluation (e.g. the synthetic task's oracle given real text)."""
+    if oracle is None or not records:
+        return
+    r = records[0]
+    try:
+        oracle.score([r.prompt], [r.chosen], messages=[r.messages])
+    except Exception as e:
+        raise ValueError(f"data.oracle ({type(oracle).__name__}) cannot score the records of "
+                         f"{source} ({r.location}: {e}); set data.oracle to this data's ground "
+                         "truth, or to null (then online pairs need the callback's labeller)"
+                         ) from e
+

@@ -120,7 +120,19 @@ def as_scores(values: Any, n: int, source: str) -> torch.Tensor:
 
 
 class ScoringLabeller(Labeller):
-    """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax)."""
+    """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax).
+
+    A cost model (lower is better, as PKU-SafeRLHF's beaver cost model) is read with
+    ``lower_is_better=True`` in a subclass's options: its ``score`` then returns the negated
+    costs (:meth:`oriented`), so every consumer (labels, best-of-n, judged win rates) keeps
+    reading "higher is better".
+    """
+
+    lower_is_better: bool = False
+
+    def oriented(self, scores: torch.Tensor) -> torch.Tensor:
+        """The model's raw scores as higher-is-better scores (negated for a cost model)."""
+        return -scores if self.lower_is_better else scores
 
     def score_pair(self, prompts: Sequence[str], responses_a: Sequence[str],
                    responses_b: Sequence[str], messages: Messages | None) -> tuple:

@@ -79,7 +79,11 @@ def resolve_callable(path: str) -> Callable:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
+        # A file beside the user's config is not importable from the console script unless
+        # its folder is on the path: the usual stumble with a first labeller of one's own.
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {e} (a module "
+                          "in a folder of your own needs that folder on PYTHONPATH, e.g. "
+                          "PYTHONPATH=examples sail-lightning fit ...)") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise AttributeError(f"{path!r}: {module_name!r} has no attribute {attr!r}")

@@ -54,7 +54,8 @@ class SAILModule(L.LightningModule):
         torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
-        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge`` or ``ipo``.
+        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge``, ``ipo`` or ``sppo`` (SPPO's
+            squared loss on the win probabilities its pairs carry, ``objectives_selfplay``).
         label_smoothing: cDPO / robust DPO epsilon.
         coef_dp: label-term weight on SAIL-DP examples (the paper's rho).
         coef_pp: label- and response-term weight on SAIL-PP examples (pi).
@@ -186,7 +187,8 @@ class SAILModule(L.LightningModule):
             response_term=hp.response_term, baseline=hp.baseline,
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=self._label_generator(batch_idx),
-            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now)
+            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
+            win_chosen=batch.get("win_chosen"), win_rejected=batch.get("win_rejected"))
         if "bonus_mask" in batch and hp.bonus_alpha:
             bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],
                                alpha=hp.bonus_alpha, beta=hp.beta, form=hp.bonus_form)

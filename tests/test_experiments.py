@@ -86,7 +86,7 @@ def test_budget_gives_every_method_the_same_pairs_per_epoch():
     assert budget_args("sail_dp", 1000) == ["--data.limit=600"]  # 600 / (1 - 0.4) = 1000
     assert budget_args("online_dpo", 1000) == ["--data.limit=1000", "--data.online_pairs=1000"]
     assert set(METHODS) >= {"dpo", "iterative_dpo", "online_dpo", "sail_dp", "sail_pp",
-                            "sail_pr", "sail_pr_released", "selm", "xpo"}
+                            "sail_pr", "sail_pr_released", "selm", "xpo", "spin", "sppo"}
 
 
 def test_overrides_land_in_the_cli_config(tmp_path, capsys):

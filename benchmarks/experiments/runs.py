@@ -63,6 +63,8 @@ METHODS: dict[str, Method] = {
         (("--model.coef_pr=0.03",), ("--model.coef_pr=0.003",))),
     "selm": Method("selm", "SELM"),
     "xpo": Method("xpo", "XPO"),
+    "spin": Method("spin", "SPIN"),
+    "sppo": Method("sppo", "SPPO"),
     # Ablations at equal data (the default label source). SAIL-PR's response term:
     "sail_pr_g0": Method("sail_pr", "SAIL-PR gamma 0 (online DPO, mixed)",
                          ("--model.coef_pr=0.0",), ablation=True),

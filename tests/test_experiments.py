@@ -109,3 +109,30 @@ def test_overrides_land_in_the_cli_config(tmp_path, capsys):
         assert expected in out, expected
     assert "EvaluationCallback" not in out  # the overlay replaces the callback list
     assert "model_config: null" in out
+
+
+def test_compare_methods_script_reports_every_label_source(tmp_path, capsys):
+    # The script's --quick mode on a tinier budget: one labelled and one label-free method,
+    # two label sources, one epoch of 32 pairs.
+    import json
+
+    from benchmarks.compare_methods import main
+
+    main(["--quick", "--methods", "dpo", "online_dpo", "--labels", "oracle", "rm_small",
+          "--no-ablations", "--pairs-per-epoch", "32", "--epochs", "1", "--offline-pairs", "128",
+          "--eval-prompts", "32", "--work-dir", str(tmp_path / "work"),
+          "--results-dir", str(tmp_path / "results")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["win_rate_by_label"]) == {"oracle", "rm_small"}
+    assert set(last["win_rate_by_label"]["oracle"]) == {"dpo", "online_dpo"}
+    assert set(last["win_rate"]) == {"dpo", "online_dpo"}  # the default source's
+    # The oracle's Bradley-Terry draws agree with the true reward far more than a reward
+    # model trained on 16 pairs, a fifth of them flipped.
+    assert last["label_agreement"]["oracle"] > 0.8 > last["label_agreement"]["rm_small"]
+    # DPO uses no labeller: the same runs under both sources.
+    assert last["win_rate_by_label"]["oracle"]["dpo"] == last["win_rate_by_label"]["rm_small"]["dpo"]
+    saved = json.loads((tmp_path / "results" / "compare_methods_quick.json").read_text())
+    rounds = saved["by_label"]["oracle"]["per_seed"]["online_dpo"][0]["rounds"]
+    assert len(rounds) == 1 and 0.0 <= rounds[0]["label_agreement"] <= 1.0
+    for name in ("compare_methods_quick.md", "compare_methods_quick_by_label.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0

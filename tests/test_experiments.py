@@ -130,7 +130,8 @@ def test_compare_methods_script_reports_every_label_source(tmp_path, capsys):
     # model trained on 16 pairs, a fifth of them flipped.
     assert last["label_agreement"]["oracle"] > 0.8 > last["label_agreement"]["rm_small"]
     # DPO uses no labeller: the same runs under both sources.
-    assert last["win_rate_by_label"]["oracle"]["dpo"] == last["win_rate_by_label"]["rm_small"]["dpo"]
+    by_label = last["win_rate_by_label"]
+    assert by_label["oracle"]["dpo"] == by_label["rm_small"]["dpo"]
     saved = json.loads((tmp_path / "results" / "compare_methods_quick.json").read_text())
     rounds = saved["by_label"]["oracle"]["per_seed"]["online_dpo"][0]["rounds"]
     assert len(rounds) == 1 and 0.0 <= rounds[0]["label_agreement"] <= 1.0

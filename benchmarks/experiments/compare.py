@@ -230,31 +230,34 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
 
         return _cached_run(os.path.join(ldir, "runs", run_name or m, f"seed{seed}"), key, run)
 
-    for seed in seeds:
-        for m in methods:
-            spec = METHODS[m]
-            free = not uses_labeller(m)
-            for label in labels:
-                if m not in by_label[label]:
-                    continue
-                if free and label != labels[0]:
-                    by_label[label][m].append(by_label[labels[0]][m][-1])
-                    continue
-                base, epochs = base_dir, budget.epochs
-                if spec.warm_start:
-                    warm = one_run(spec.warm_start, seed, None, base=base_dir, epochs=1,
-                                   run_name=f"{m}_warmup")
-                    base, epochs = warm["policy_dir"], budget.epochs - 1
-                row = one_run(m, seed, None if free else label, base=base, epochs=epochs)
-                if row["args"]:  # a fallback was needed: later seeds start from it
-                    fallback[m] = tuple(dict.fromkeys((*fallback.get(m, ()), *row["args"])))
-                by_label[label][m].append(row)
-                agreement = "/".join(f"{r['label_agreement']:.2f}" for r in row["rounds"])
-                log(f"seed {seed} {label if not free else '-':<9} {spec.label:<36} win rate "
-                    f"{_num(row['win_rate'])}  true reward {_num(row['true_reward'])}  "
-                    f"{row['wall_seconds']:.1f}s" + (" (cached)" if row.get("cached") else "")
-                    + (f"  label agreement per round {agreement}" if agreement else "")
-                    + (f"  (fallback {' '.join(row['args'])})" if row["args"] else ""))
+    # Main methods for every seed first, then the ablations: a cut-short study keeps its table.
+    order = [(seed, m) for ablation in (False, True) for seed in seeds for m in methods
+             if METHODS[m].ablation == ablation]
+    for seed, m in order:
+        spec = METHODS[m]
+        free = not uses_labeller(m)
+        first = next(x for x in labels if m in by_label[x])
+        for label in labels:
+            if m not in by_label[label]:
+                continue
+            if free and label != first:
+                by_label[label][m].append(by_label[first][m][-1])
+                continue
+            base, epochs = base_dir, budget.epochs
+            if spec.warm_start:
+                warm = one_run(spec.warm_start, seed, None, base=base_dir, epochs=1,
+                               run_name=f"{m}_warmup")
+                base, epochs = warm["policy_dir"], budget.epochs - 1
+            row = one_run(m, seed, None if free else label, base=base, epochs=epochs)
+            if row["args"]:  # a fallback was needed: later seeds start from it
+                fallback[m] = tuple(dict.fromkeys((*fallback.get(m, ()), *row["args"])))
+            by_label[label][m].append(row)
+            agreement = "/".join(f"{r['label_agreement']:.2f}" for r in row["rounds"])
+            log(f"seed {seed} {label if not free else '-':<9} {spec.label:<36} win rate "
+                f"{_num(row['win_rate'])}  true reward {_num(row['true_reward'])}  "
+                f"{row['wall_seconds']:.1f}s" + (" (cached)" if row.get("cached") else "")
+                + (f"  label agreement per round {agreement}" if agreement else "")
+                + (f"  (fallback {' '.join(row['args'])})" if row["args"] else ""))
     tables = {x: {"per_seed": rows, "summary": _summary(rows)} for x, rows in by_label.items()}
     summary = tables[default]["summary"]
     return {

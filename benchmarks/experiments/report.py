@@ -113,7 +113,8 @@ def label_plot(results: dict, path: str, *, title: str = "") -> str:
         flat = not uses_labeller(m)  # the same runs at every label source
         color = f"C{i % 10}"
         if flat:
-            ax.axhline(means[0], color=color, linestyle="--", linewidth=1, label=f"{name} (no labeller)")
+            ax.axhline(means[0], color=color, linestyle="--", linewidth=1,
+                       label=f"{name} (no labeller)")
         else:
             ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=color, label=name)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.data.mixture import offline_pairs_for
 from sail_lightning.evaluation import win_rate
-from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

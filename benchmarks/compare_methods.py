@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=RESULTS)
     p.add_argument("--name", default=None,
                    help="results file stem (default compare_methods[_quick])")
+    p.add_argument("--cached-only", action="store_true",
+                   help="report the runs left in --work-dir by a former call, run nothing new")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is robust on a shared 2-core machine)")
     return p.parse_args(argv)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         budget = replace(budget, rm_heldout_pairs=args.eval_prompts)
     methods = list(dict.fromkeys(args.methods + ([] if args.no_ablations else ABLATIONS)))
     results = compare(methods, args.seeds, args.quick, args.work_dir, budget=budget,
-                      threads=args.threads, labels=args.labels,
+                      threads=args.threads, labels=args.labels, cached_only=args.cached_only,
                       log=lambda s: print(s, flush=True))
     stem = args.name or ("compare_methods_quick" if args.quick else "compare_methods")
     os.makedirs(args.results_dir, exist_ok=True)

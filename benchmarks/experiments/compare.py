@@ -127,14 +127,17 @@ def prepare(work_dir: str, budget: Budget, *, labels: Sequence[str] = (DEFAULT_L
     return setup
 
 
-def _cached_run(run_dir: str, key: dict, run) -> dict:
-    """``run()``'s row, or the one saved in ``run_dir/result.json`` under the same key."""
+def _cached_run(run_dir: str, key: dict, run, cached_only: bool = False) -> dict | None:
+    """``run()``'s row, or the one saved in ``run_dir/result.json`` under the same key
+    (``cached_only``: None instead of running)."""
     path = os.path.join(run_dir, "result.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved.get("key") == key:
             return {**saved["row"], "cached": True}
+    if cached_only:
+        return None
     row = run()
     os.makedirs(run_dir, exist_ok=True)
     with open(path, "w") as f:
@@ -150,7 +153,7 @@ def _config_text(method: str) -> str:
 def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
             quick: bool = False, work_dir: str = "runs/compare_methods", *,
             budget: Budget | None = None, threads: int | None = 1, log=print,
-            labels: Sequence[str] | None = None) -> dict:
+            labels: Sequence[str] | None = None, cached_only: bool = False) -> dict:
     """Trains every method from one base policy for each seed and label source, and
     evaluates it.
 
@@ -170,6 +173,8 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
         budget: overrides the budget that ``quick`` selects.
         threads: ``torch.set_num_threads`` (1 is the robust choice on a shared 2-core box).
         labels: keys of ``labels.LABEL_SOURCES`` (default: ``DEFAULT_LABEL`` alone).
+        cached_only: report the runs a former call left in ``work_dir``, run nothing new
+            (a seed missing there is left out of that method's statistics).
 
     Returns:
         A JSON-ready dict: ``setup``, ``budget``, ``by_label`` (label source ->
@@ -228,7 +233,8 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
                 row.update(win_rate=None, true_reward=None)
             return row
 
-        return _cached_run(os.path.join(ldir, "runs", run_name or m, f"seed{seed}"), key, run)
+        return _cached_run(os.path.join(ldir, "runs", run_name or m, f"seed{seed}"), key, run,
+                           cached_only)
 
     # Main methods for every seed first, then the ablations: a cut-short study keeps its table.
     order = [(seed, m) for ablation in (False, True) for seed in seeds for m in methods
@@ -241,14 +247,19 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
             if m not in by_label[label]:
                 continue
             if free and label != first:
-                by_label[label][m].append(by_label[first][m][-1])
+                if by_label[first][m] and by_label[first][m][-1]["seed"] == seed:
+                    by_label[label][m].append(by_label[first][m][-1])
                 continue
             base, epochs = base_dir, budget.epochs
             if spec.warm_start:
                 warm = one_run(spec.warm_start, seed, None, base=base_dir, epochs=1,
                                run_name=f"{m}_warmup")
+                if warm is None:
+                    continue
                 base, epochs = warm["policy_dir"], budget.epochs - 1
             row = one_run(m, seed, None if free else label, base=base, epochs=epochs)
+            if row is None:
+                continue
             if row["args"]:  # a fallback was needed: later seeds start from it
                 fallback[m] = tuple(dict.fromkeys((*fallback.get(m, ()), *row["args"])))
             by_label[label][m].append(row)
@@ -258,6 +269,9 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
                 f"{row['wall_seconds']:.1f}s" + (" (cached)" if row.get("cached") else "")
                 + (f"  label agreement per round {agreement}" if agreement else "")
                 + (f"  (fallback {' '.join(row['args'])})" if row["args"] else ""))
+    # A method with no run at all (cached_only) is left out; a diverged run has None rows.
+    by_label = {x: {m: r for m, r in rows.items() if r} for x, rows in by_label.items()}
+    methods = [m for m in methods if any(m in rows for rows in by_label.values())]
     tables = {x: {"per_seed": rows, "summary": _summary(rows)} for x, rows in by_label.items()}
     summary = tables[default]["summary"]
     return {

@@ -132,7 +132,7 @@ def test_top_level_help_says_what_the_tool_is_and_offers_what_works():
     out = subprocess.run([sys.executable, "-m", "sail_lightning", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for text in ("SAIL and the online DPO family", "serve-reward", "{fit,validate}",
+    for text in ("SAIL and the online DPO family", "serve-reward", "build-models", "{fit,validate}",
                  "--trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback"):
         assert text in out.stdout, text
     for gone in ("test", "predict"):  # no test_step / forward: refused, not offered

@@ -38,7 +38,7 @@ def judged_win_rate(judge: JudgeLabeller, prompts: list[str], responses: list[st
     tokens = used["judge_prompt_tokens"] + used["judge_completion_tokens"]
     return {"val/judge_win_rate": float(outcome.mean()),
             "val/judge_ties": float((outcome == 0.5).double().mean()),
-            **{f"gen/{k}": float(used[f"judge_{k}"])
+            **{f"gen/judge_{k}": float(used[f"judge_{k}"])
                for k in ("requests", "prompt_tokens", "completion_tokens", "unparsed")},
             "gen/judge_tokens": float(tokens)}
 

@@ -101,10 +101,12 @@ def dpo_loss(
     return (h - 1 / (2 * beta)) ** 2
 
 
-def _per_route(route: Tensor, dp: float, pp: float, pr: float) -> Tensor:
-    """Coefficient per example, picked by its route (0 for plain DPO). Built on the route's
-    device from Python scalars: a lookup table would be a host-to-device copy every step."""
-    out = torch.zeros(route.shape, dtype=torch.float32, device=route.device)
+def _per_route(route: Tensor, dp: float, pp: float, pr: float, dtype: torch.dtype) -> Tensor:
+    """Coefficient per example, picked by its route (0 for plain DPO), in ``dtype`` (the
+    inputs'): a float32 table would round float64 coefficients (a relative 4e-8 error).
+    Built on the route's device from Python scalars: a lookup table would be a
+    host-to-device copy every step."""
+    out = torch.zeros(route.shape, dtype=dtype, device=route.device)
     for r, value in ((Route.DP, dp), (Route.PP, pp), (Route.PR, pr)):
         if value:
             out = torch.where(route == r, value, out)
@@ -226,10 +228,10 @@ def sail_loss(
                     label_smoothing=label_smoothing)
     ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
 
-    c_label = _per_route(route, coef_dp, coef_pp, 0.0).to(ell.dtype)
+    c_label = _per_route(route, coef_dp, coef_pp, 0.0, ell.dtype)
     label_term = (-0.5 * c_label * ell**2).sum() / n
 
-    c_resp = _per_route(route, 0.0, coef_pp, coef_pr).to(ell.dtype)
+    c_resp = _per_route(route, 0.0, coef_pp, coef_pr, ell.dtype)
     if response_term == "score_function":
         ell_d = ell.detach()
         b = torch.zeros_like(ell_d)
@@ -294,18 +296,19 @@ def preference_metrics(
 
     ``rewards/chosen = beta (lp_c - rlp_c)``, ``rewards/rejected`` likewise, their margin,
     ``rewards/accuracies`` (chosen strictly above rejected: a tie is not a win), and the
-    policy's mean log-probs of chosen and rejected responses.
+    policy's mean log-probs of chosen and rejected responses. Computed in the inputs' dtype:
+    a float32 cast would turn a strict float64 win into a tie.
     """
     with torch.no_grad():
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps).float()
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps).float()
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
         return {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(),
-            "logps/chosen": policy_chosen_logps.detach().float().mean(),
-            "logps/rejected": policy_rejected_logps.detach().float().mean(),
+            "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean(),
         }
 
 

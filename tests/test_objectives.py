@@ -316,8 +316,39 @@ def test_mean_baseline_masked_mean_equals_indexed_mean():
                             metrics=False)
         ell = torch.nn.functional.logsigmoid(BETA * margin(*lp)).detach()
         on = (route == Route.PP) | (route == Route.PR)
-        c = torch.where(route == Route.PP, 0.3, torch.where(route == Route.PR, 0.4, 0.0))
-        label = (-0.5 * torch.where(route == Route.PP, 0.3, 0.0) * ell**2).sum() / 12
+        c = torch.tensor([0.0, 0.0, 0.3, 0.4], dtype=torch.float64)[route]
+        label = (-0.5 * torch.tensor([0.0, 0.0, 0.3, 0.0], dtype=torch.float64)[route]
+                 * ell**2).sum() / 12
         expected = (dpo_loss(*lp, beta=BETA).mean() + label
                     + (-c * (ell - ell[on].mean()) * (lp[0] + lp[1])).sum() / 12)
-        torch.testing.assert_close(loss.detach(), expected, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_sail_loss_coefficients_in_the_inputs_dtype():
+    # 0.3 and 0.2 are not float32 numbers: a float32 coefficient table is off by ~4e-8
+    # relative, far above float64's 1e-16. The reference is plain Python float64 arithmetic.
+    lp_c, lp_r, rlp_c, rlp_r = random_logps(4, seed=5, requires_grad=False)
+    routes = torch.tensor([0, 2, 3, 3])
+    loss, _ = sail_loss(lp_c, lp_r, rlp_c, rlp_r, routes, beta=BETA, coef_pp=0.2, coef_pr=0.3)
+    assert loss.dtype == torch.float64
+    ref = 0.0
+    for i in range(4):
+        h = (lp_c[i].item() - rlp_c[i].item()) - (lp_r[i].item() - rlp_r[i].item())
+        ell = -math.log1p(math.exp(-BETA * h))
+        c_label = 0.2 if routes[i] == 2 else 0.0
+        c_resp = {2: 0.2, 3: 0.3}.get(int(routes[i]), 0.0)
+        ref += -ell - 0.5 * c_label * ell**2 - c_resp * ell * (lp_c[i].item() + lp_r[i].item())
+    ref /= 4
+    assert abs(loss.item() - ref) / abs(ref) < 1e-13
+
+
+def test_rewards_accuracies_compare_in_the_inputs_dtype():
+    # A strict float64 win by 1e-12 that a float32 cast would make a tie (not a win).
+    lp_c = torch.tensor([-1.0 + 1e-12, -2.0], dtype=torch.float64)
+    lp_r = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    assert float(lp_c[0].float()) == float(lp_r[0].float())  # the cast would tie them
+    _, m = sail_loss(lp_c, lp_r, zeros, zeros.clone(), torch.zeros(2, dtype=torch.long),
+                     beta=BETA)
+    assert m["rewards/accuracies"].item() == 0.5  # one strict win, one exact tie
+    assert m["rewards/margins"].dtype == torch.float64

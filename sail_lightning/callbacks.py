@@ -77,6 +77,10 @@ class PairGenerationCallback(L.Callback):
             raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if prompts_per_round is not None and prompts_per_round < 0:
+            raise ValueError(f"prompts_per_round must be >= 0, got {prompts_per_round}")
+        if score_batch_size < 1:
+            raise ValueError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
@@ -102,6 +106,8 @@ class PairGenerationCallback(L.Callback):
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
         check_reference_update(trainer.strategy, pl_module.hparams.get("lora") is not None,
                                self.update_reference)
+        if trainer.is_global_zero:  # the rank that writes the round files
+            trainer.datamodule.pool.check_writable()
 
     def labeller_for(self, datamodule) -> Labeller | None:
         """The labeller of online pairs: this callback's, else the data's oracle."""

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  python -m sail_lightning.build_models --output models/tiny --train-reward\n"
         "  python -m sail_lightning.build_models --output models/hh --arch qwen2 \\\n"
-        "      --source hh-rlhf --source ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz\n"
+        "      --source hh-rlhf --source my_pairs.jsonl\n"
         "then train with --model.model_name_or_path models/tiny/policy --model.model_config "
         "null\n--model.tokenizer null, and label with RewardModelLabeller(name_or_path="
         "models/tiny/reward).",

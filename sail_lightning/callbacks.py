@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 import torch
@@ -204,6 +205,7 @@ class PairGenerationCallback(L.Callback):
 
     def _round(self, trainer, pl_module, round_index: int) -> None:
         dm = trainer.datamodule
+        t0 = time.perf_counter()
         plan = dm.plan_round(round_index, self.prompts_per_round)
         n = len(plan.prompt_indices)
         if n == 0:
@@ -229,10 +231,14 @@ class PairGenerationCallback(L.Callback):
         truth = _true_rewards(dm.oracle, pairs[:real], records)
         gathered = all_gather_objects([(pairs[:real], stats, truth)], world)
         pairs = sorted((p for part, _, _ in gathered for p in part), key=lambda p: p.prompt_index)
+        t_write = time.perf_counter()
         path = dm.pool.add_round(round_index, pairs, write=trainer.is_global_zero)
         if trainer.is_global_zero:
             metrics = _metrics(round_index, pairs, [s for _, s, _ in gathered],
                                [t for _, _, t in gathered if t is not None])
+            done = time.perf_counter()
+            metrics["gen/write_seconds"] = done - t_write
+            metrics["gen/round_seconds"] = done - t0
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
@@ -262,6 +268,12 @@ def _metrics(round_index: int, pairs, stats: list[dict], truth: list[tuple]) -> 
         "gen/seconds": gen_s,
         "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
         "gen/label_seconds": max(s["label_seconds"] for s in stats),
+        # The round's cost split (the slowest rank's, as ranks run in parallel); with
+        # gen/write_seconds and gen/round_seconds (the whole round, gathering included).
+        # gen/seconds and gen/label_seconds are the first two under their older names.
+        "gen/generation_seconds": gen_s,
+        "gen/labelling_seconds": max(s["label_seconds"] for s in stats),
+        "gen/reference_seconds": max(s["ref_seconds"] for s in stats),
     }
     scored = [p.scores for p in pairs if p.scores]
     if scored:

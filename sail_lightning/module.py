@@ -174,7 +174,7 @@ class SAILModule(L.LightningModule):
             # Counts of kept / skipped / dropped records, so a dashboard shows what was read.
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
@@ -186,7 +186,8 @@ class SAILModule(L.LightningModule):
             response_term=hp.response_term, baseline=hp.baseline,
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=self._label_generator(batch_idx),
-            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now)
+            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
+            routes=batch.get("routes_present"))
         if "bonus_mask" in batch and hp.bonus_alpha:
             bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],
                                alpha=hp.bonus_alpha, beta=hp.beta, form=hp.bonus_form)

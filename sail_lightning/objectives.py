@@ -11,6 +11,7 @@ shape ``(B,)`` and is unit-tested against hand-derived values. Notation (sail-me
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import IntEnum
 
 import torch
@@ -100,10 +101,28 @@ def dpo_loss(
     return (h - 1 / (2 * beta)) ** 2
 
 
-def _per_route(route: Tensor, dp: float, pp: float, pr: float) -> Tensor:
-    """Coefficient per example, picked by its route (0 for plain DPO)."""
-    table = torch.tensor([0.0, dp, pp, pr], dtype=torch.float32, device=route.device)
-    return table[route]
+def _per_route(route: Tensor, dp: float, pp: float, pr: float, dtype: torch.dtype) -> Tensor:
+    """Coefficient per example, picked by its route (0 for plain DPO), in ``dtype`` (the
+    inputs'): a float32 table would round float64 coefficients (a relative 4e-8 error).
+    Built on the route's device from Python scalars: a lookup table would be a
+    host-to-device copy every step."""
+    out = torch.zeros(route.shape, dtype=dtype, device=route.device)
+    for r, value in ((Route.DP, dp), (Route.PP, pp), (Route.PR, pr)):
+        if value:
+            out = torch.where(route == r, value, out)
+    return out
+
+
+def _present(routes: Collection[int] | None, route: Tensor, *wanted: Route) -> bool:
+    """Whether the batch holds a row of any ``wanted`` route: from ``routes`` (the set the
+    data pipeline recorded, a plain Python value) when given, else from the tensor, which
+    costs a host sync (a GPU stall per call)."""
+    if routes is not None:
+        return any(int(r) in routes for r in wanted)
+    mask = route == wanted[0]
+    for r in wanted[1:]:
+        mask = mask | (route == r)
+    return bool(mask.any())
 
 
 def sail_loss(
@@ -124,6 +143,7 @@ def sail_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     metrics: bool = True,
+    routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
 
@@ -164,6 +184,11 @@ def sail_loss(
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
+        routes: the routes present in the batch (``PreferenceCollator`` records them as
+            ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
+            None reads them from ``route`` (a host sync per check). Giving a set that
+            misses a route present in ``route`` is an error of the caller: that route's
+            label draws or baseline are skipped.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them
@@ -188,7 +213,7 @@ def sail_loss(
 
     # SAIL-DP: resample the dataset label from the policy's own Bradley-Terry model.
     flip = torch.zeros_like(is_dp)
-    if bool(is_dp.any()):
+    if _present(routes, route, Route.DP):
         h0 = margin(lp_c, lp_r, rlp_c, rlp_r)
         p_flip = 1 - self_label_probability(h0, beta=beta)
         draws = torch.bernoulli(p_flip, generator=generator).to(h0.device)
@@ -203,16 +228,17 @@ def sail_loss(
                     label_smoothing=label_smoothing)
     ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
 
-    c_label = _per_route(route, coef_dp, coef_pp, 0.0).to(ell.dtype)
+    c_label = _per_route(route, coef_dp, coef_pp, 0.0, ell.dtype)
     label_term = (-0.5 * c_label * ell**2).sum() / n
 
-    c_resp = _per_route(route, 0.0, coef_pp, coef_pr).to(ell.dtype)
+    c_resp = _per_route(route, 0.0, coef_pp, coef_pr, ell.dtype)
     if response_term == "score_function":
         ell_d = ell.detach()
         b = torch.zeros_like(ell_d)
         has_resp = (route == Route.PP) | (route == Route.PR)
-        if baseline == "mean" and bool(has_resp.any()):
-            b = ell_d[has_resp].mean().expand_as(ell_d)
+        if baseline == "mean" and _present(routes, route, Route.PP, Route.PR):
+            # A masked mean, not ell_d[has_resp]: boolean indexing is a host sync.
+            b = (torch.where(has_resp, ell_d, 0.0).sum() / has_resp.sum()).expand_as(ell_d)
         response = (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
     else:
         # Rows without a response coefficient are masked out before dividing: a log-prob of
@@ -270,18 +296,19 @@ def preference_metrics(
 
     ``rewards/chosen = beta (lp_c - rlp_c)``, ``rewards/rejected`` likewise, their margin,
     ``rewards/accuracies`` (chosen strictly above rejected: a tie is not a win), and the
-    policy's mean log-probs of chosen and rejected responses.
+    policy's mean log-probs of chosen and rejected responses. Computed in the inputs' dtype:
+    a float32 cast would turn a strict float64 win into a tie.
     """
     with torch.no_grad():
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps).float()
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps).float()
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
         return {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(),
-            "logps/chosen": policy_chosen_logps.detach().float().mean(),
-            "logps/rejected": policy_rejected_logps.detach().float().mean(),
+            "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean(),
         }
 
 

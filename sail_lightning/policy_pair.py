@@ -164,19 +164,33 @@ class PolicyPair(nn.Module):
 
     @torch.no_grad()
     def pair_logprobs(self, pairs: list[TokenizedPair], *, policy: bool = True,
-                      batch_size: int = 32) -> tuple[Tensor | None, Tensor]:
+                      batch_size: int = 32, by_length: bool = True
+                      ) -> tuple[Tensor | None, Tensor]:
         """Policy (optional) and reference log-probs of pairs, in eval mode: float32 CPU
-        tensors ``(N, k)`` with columns chosen, rejected (and bonus when pairs carry one)."""
+        tensors ``(N, k)`` with columns chosen, rejected (and bonus when pairs carry one),
+        in the order of ``pairs``.
+
+        ``by_length`` batches pairs of similar length together (sorted by their longest
+        row), which cuts the padding each forward computes; the values are the same up to
+        float rounding (a row's padded width changes the kernels' blocking). Every rank
+        sorts its own pairs, so sharded (FSDP) forwards still run in step.
+        """
         collate = PreferenceCollator(self.pad_token_id)
+        order = list(range(len(pairs)))
+        if by_length:
+            order.sort(key=lambda i: len(pairs[i].prompt_ids) + max(
+                len(pairs[i].chosen_ids), len(pairs[i].rejected_ids),
+                len(pairs[i].bonus_ids or ())))
         pol_out, ref_out = [], []
         was_training = self.policy.training
         self.policy.eval()
         try:
             for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
+                chunk = [pairs[i] for i in order[start : start + batch_size]]
                 examples = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids,
                                           bonus_ids=p.bonus_ids).example(0) for p in chunk]
-                batch = {k: v.to(self.device) for k, v in collate(examples).items()}
+                batch = {k: v.to(self.device) for k, v in collate(examples).items()
+                         if isinstance(v, Tensor)}
                 k = batch["input_ids"].shape[0] // len(chunk)
                 ref, _ = self.reference_logprobs(batch)
                 ref_out.append(ref.view(k, -1).T.float().cpu())
@@ -185,7 +199,10 @@ class PolicyPair(nn.Module):
                     pol_out.append(lp.view(k, -1).T.float().cpu())
         finally:
             self.policy.train(was_training)
-        return (torch.cat(pol_out) if policy else None), torch.cat(ref_out)
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        pol = torch.cat(pol_out)[back] if policy else None
+        return pol, torch.cat(ref_out)[back]
 
     # -- what a checkpoint keeps -----------------------------------------------------------
 

@@ -3,6 +3,12 @@
 import os
 from pathlib import Path
 
+# One thread per process unless the caller says otherwise: the tests' models are tiny, the
+# distributed tests run two processes on two cores, and torch's default of one thread per
+# core made them up to ten times slower when anything else ran beside them. Set before torch
+# is imported, so the processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

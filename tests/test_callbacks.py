@@ -59,7 +59,8 @@ def test_rounds_are_built_persisted_restored_and_trained_on(tmp_path):
         keys = set(next(csv.reader(f)))
     for key in ("gen/round", "gen/prompts", "gen/mean_length", "gen/eos_rate", "gen/seconds",
                 "gen/tokens_per_second", "gen/reward_mean", "gen/label_agreement",
-                "gen/true_reward_mean"):
+                "gen/true_reward_mean", "gen/generation_seconds", "gen/labelling_seconds",
+                "gen/reference_seconds", "gen/write_seconds", "gen/round_seconds"):
         assert key in keys, key
 
 

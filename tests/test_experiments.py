@@ -83,6 +83,7 @@ def test_budget_gives_every_method_the_same_pairs_per_epoch():
     assert budget_args("dpo", 1000) == ["--data.limit=1000"]
     assert budget_args("sail_pr", 1000) == ["--data.limit=700"]  # 700 / (1 - 0.3) = 1000
     assert budget_args("sail_pp", 1000) == ["--data.limit=700"]
+    assert budget_args("sail_dp", 1000) == ["--data.limit=600"]  # 600 / (1 - 0.4) = 1000
     assert budget_args("online_dpo", 1000) == ["--data.limit=1000", "--data.online_pairs=1000"]
     assert set(METHODS) >= {"dpo", "iterative_dpo", "online_dpo", "sail_dp", "sail_pp",
                             "sail_pr", "sail_pr_released", "selm", "xpo"}

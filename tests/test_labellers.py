@@ -456,3 +456,21 @@ def test_pp_labels_are_the_policys_own_bradley_terry_draws():
     text = PolicyLabeller(m.pair, 1.0, dm.tokenizer, seed=5).label(
         [r.prompt for r in records], [r.chosen for r in records], [r.rejected for r in records])
     assert torch.equal(text.a_preferred, labels)
+
+
+# -- cost models (lower is better) -------------------------------------------------------------
+
+
+def test_cost_models_choose_the_lower_cost_and_report_negated_costs(reward_model_dir):
+    cost = CallableLabeller("tests.test_labellers:length_score", lower_is_better=True)
+    labels = cost.label(PROMPTS, RESP_A, RESP_B)
+    assert labels.scores_a.tolist() == [-4.0, -1.0, -8.0, -2.0]  # lengths 4, 1, 8, 2
+    assert labels.scores_b.tolist() == [-2.0, -2.0, -3.0, -2.0]
+    assert labels.a_preferred.tolist() == [False, True, False, True]  # the shorter; tie -> a
+    plain = RewardModelLabeller(str(reward_model_dir), batch_size=3, progress=False)
+    costly = RewardModelLabeller(str(reward_model_dir), batch_size=3, progress=False,
+                                 lower_is_better=True)
+    a, b = plain.label(PROMPTS, RESP_A, RESP_B), costly.label(PROMPTS, RESP_A, RESP_B)
+    assert torch.equal(b.scores_a, -a.scores_a) and torch.equal(b.scores_b, -a.scores_b)
+    differ = a.scores_a != a.scores_b
+    assert torch.equal(b.a_preferred[differ], ~a.a_preferred[differ])

@@ -21,7 +21,7 @@ RESPONSES = ["x", "y y", "z", "w", "v v v"]
 class Scripted:
     """Answers POSTs in turn from ``script``: (status, body) pairs, the last one repeated; a
     body of None scores each item by its response's length. ``stop_after`` shuts the server
-    down after that many answers (a server stopped mid-labelling)."""
+    down as it sends that many-th answer (a server stopped mid-labelling)."""
 
     def __init__(self, script, *, delay=0.0, stop_after=None):
         self.script, self.delay, self.stop_after = script, delay, stop_after
@@ -38,12 +38,15 @@ class Scripted:
                     answer = {"scores": [float(len(r)) for r in body["responses"]]}
                 data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
                 time.sleep(scripted.delay)
+                if scripted.stop_after == len(scripted.requests):
+                    # Stop listening before this answer leaves, so the client's next request
+                    # is refused for certain. Stopping after answering raced with that request
+                    # on a loaded machine (it was sometimes accepted and answered).
+                    scripted.close()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                if scripted.stop_after == len(scripted.requests):
-                    threading.Thread(target=scripted.close).start()
 
             def log_message(self, *args):
                 pass

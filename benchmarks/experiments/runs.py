@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from sail_lightning.data.mixture import offline_pairs_for
 from sail_lightning.evaluation import win_rate
 from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.synthetic import SyntheticTask
@@ -69,18 +70,17 @@ def budget_args(method: str, pairs_per_epoch: int) -> list[str]:
     """Data arguments that make one epoch of ``method`` exactly ``pairs_per_epoch`` pairs.
 
     The offline file may hold more pairs (the reward model trains on all of them); a method
-    reads its first ones (``data.limit``). Offline methods (DPO, SAIL-DP) read
-    ``pairs_per_epoch`` and pass each once per epoch. Online-only methods
-    (``mix_pp + mix_pr = 1``) read as many (their prompts; SELM also ranks their responses)
-    and train on ``online_pairs = pairs_per_epoch`` fresh pairs. Mixtures (SAIL-PP, SAIL-PR,
-    online share ``m``) make an epoch of ``n_offline / (1 - m)`` pairs, so they read
-    ``(1 - m) * pairs_per_epoch`` offline pairs and add ``m * pairs_per_epoch`` online.
+    reads its first ones (``data.limit``). Online-only methods (``mix_pp + mix_pr = 1``)
+    read ``pairs_per_epoch`` records (their prompts; SELM also ranks their responses) and
+    train on ``online_pairs = pairs_per_epoch`` fresh pairs. The others read as many offline
+    pairs as make an epoch of ``pairs_per_epoch`` under the default epoch scaling
+    (``data.mixture.offline_pairs_for``: ``(1 - r - p - g) * pairs_per_epoch``).
     """
     data = _method_yaml(METHODS[method].config).get("data", {})
-    online = data.get("mix_pp", 0.0) + data.get("mix_pr", 0.0)
-    if online >= 1.0 - 1e-9:
+    mix = {k: float(data.get(k, 0.0)) for k in ("mix_dp", "mix_pp", "mix_pr")}
+    if mix["mix_pp"] + mix["mix_pr"] >= 1.0 - 1e-9:
         return [f"--data.limit={pairs_per_epoch}", f"--data.online_pairs={pairs_per_epoch}"]
-    return [f"--data.limit={round((1.0 - online) * pairs_per_epoch)}"]
+    return [f"--data.limit={offline_pairs_for(pairs_per_epoch, **mix)}"]
 
 
 def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str,

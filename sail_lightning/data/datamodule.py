@@ -15,6 +15,7 @@ from sail_lightning.data.mixture import (
     OFFLINE,
     EpochCounts,
     RoundPlan,
+    check_epoch_scaling,
     epoch_counts,
     plan_epoch,
     plan_round,
@@ -71,12 +72,16 @@ class PreferenceDataModule(L.LightningDataModule):
         mix_pp: fraction of each epoch's examples that are policy samples labelled by the
             policy (SAIL-PP, p).
         mix_pr: fraction of each epoch's examples that are policy samples labelled by the
-            labeller (SAIL-PR, online / iterative DPO, SELM, XPO: g). Each epoch passes every
-            offline pair once (as DPO or DP) and adds online pairs so that their share is
-            ``mix_pp + mix_pr``: an epoch holds ``n_offline / (1 - mix_pp - mix_pr)``
-            examples, the paper's epoch scaling. ``mix_pp + mix_pr = 1`` trains on
-            online pairs alone, ``online_pairs`` per epoch.
+            labeller (SAIL-PR, online / iterative DPO, SELM, XPO: g). ``mix_pp + mix_pr = 1``
+            trains on online pairs alone, ``online_pairs`` per epoch.
         online_pairs: online pairs per epoch when ``mix_pp + mix_pr = 1``.
+        epoch_scaling: the epoch's length with offline pairs (``data.mixture``).
+            ``dpo_updates`` (default, the authors' released pipeline): every offline pair
+            passes once as plain DPO, as in offline DPO's epoch, and the DP, PP and PR
+            examples come on top: ``n_offline / (1 - r - p - g)`` examples, DP ones being
+            extra passes over offline pairs. ``offline_once``: every offline pair passes
+            once, as DPO or DP, plus online pairs: ``n_offline / (1 - p - g)`` examples.
+            They differ only when ``mix_dp > 0``.
         pool_dir: where each round's pairs are written (jsonl); default:
             ``<trainer.log_dir>/rounds``.
         seed: seed of the split, the routes and the shuffling.
@@ -111,6 +116,7 @@ class PreferenceDataModule(L.LightningDataModule):
         mix_pp: float = 0.0,
         mix_pr: float = 0.0,
         online_pairs: int | None = None,
+        epoch_scaling: str = "dpo_updates",
         pool_dir: str | None = None,
         seed: int = 0,
         on_bad_record: str = "error",
@@ -261,7 +267,8 @@ class PreferenceDataModule(L.LightningDataModule):
         """Examples per route in every epoch (``data.mixture.epoch_counts``)."""
         hp = self.hparams
         return epoch_counts(len(self.train_pairs or []), mix_dp=hp.mix_dp, mix_pp=hp.mix_pp,
-                            mix_pr=hp.mix_pr, online_pairs=hp.online_pairs)
+                            mix_pr=hp.mix_pr, online_pairs=hp.online_pairs,
+                            scaling=hp.epoch_scaling)
 
     def compose_epoch(self, epoch: int) -> list[dict]:
         """The examples of one epoch (``data.mixture.plan_epoch``), with the offline pairs'
@@ -359,6 +366,7 @@ def _validate(args: dict) -> None:
     if mix_dp + mix_pp + mix_pr > 1.0 + 1e-9:
         raise ValueError("data.mix_dp + data.mix_pp + data.mix_pr must be <= 1, got "
                          f"{mix_dp} + {mix_pp} + {mix_pr}")
+    check_epoch_scaling(args["epoch_scaling"], mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr)
     if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
         raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
                          "(training on online pairs alone)")

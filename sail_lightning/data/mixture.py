@@ -19,9 +19,25 @@ log = logging.getLogger("sail_lightning.data")
 OFFLINE, ONLINE = "offline", "online"
 
 
+# How long an epoch is (``data.epoch_scaling``).
+# - ``dpo_updates`` (default, the authors' released pipeline, which divides the number of
+#   epochs by ``1 - r - p - g``): an epoch holds as many plain-DPO updates as offline DPO's
+#   epoch, ``n_offline``; the DP, PP and PR examples come on top, ``n_offline / (1 - r - p - g)``
+#   examples in all. With r > 0 the DP examples are extra passes over offline pairs.
+# - ``offline_once``: each offline pair passes once per epoch, as DPO or DP, and online
+#   pairs are added to a share of ``p + g``: ``n_offline / (1 - p - g)`` examples. With
+#   r > 0 this trains ``1 - r - p - g`` of the authors' plain-DPO updates per epoch.
+# Both agree when r = 0 (the quickstart, SAIL-PR, SAIL-PP).
+EPOCH_SCALINGS = ("dpo_updates", "offline_once")
+
+
 @dataclass(frozen=True)
 class EpochCounts:
-    """Examples per route in every epoch (constant, so schedules can be planned)."""
+    """Examples per route in every epoch (constant, so schedules can be planned).
+
+    ``offline`` counts offline examples (``dpo + dp``); ``pairs`` the distinct offline pairs
+    they are drawn from.
+    """
 
     total: int
     offline: int
@@ -29,6 +45,7 @@ class EpochCounts:
     dpo: int
     pp: int
     pr: int
+    pairs: int
 
     @property
     def online(self) -> int:
@@ -45,23 +62,74 @@ class RoundPlan:
     routes: list[int]
 
 
+def check_epoch_scaling(scaling: str, *, mix_dp: float, mix_pp: float, mix_pr: float) -> None:
+    """Raises ``ValueError`` naming ``data.epoch_scaling`` for an unknown scaling, or for
+    ``dpo_updates`` with ``0 < 1 - r - p - g`` false while offline pairs are trained on (an
+    epoch would hold no plain-DPO update to count)."""
+    if scaling not in EPOCH_SCALINGS:
+        raise ValueError(f"data.epoch_scaling must be one of {EPOCH_SCALINGS}, got {scaling!r}")
+    online = mix_pp + mix_pr
+    if scaling == "dpo_updates" and online < 1.0 - 1e-9 and mix_dp + online >= 1.0 - 1e-9:
+        raise ValueError(
+            f"data.epoch_scaling=dpo_updates sizes an epoch by its plain-DPO share "
+            f"1 - mix_dp - mix_pp - mix_pr, which is 0 here ({mix_dp} + {mix_pp} + {mix_pr}): "
+            "use data.epoch_scaling=offline_once or lower a share")
+
+
+def epoch_total(n_offline: int, *, mix_dp: float, mix_pp: float, mix_pr: float,
+                scaling: str = "dpo_updates") -> int:
+    """Examples per epoch for ``n_offline`` offline pairs (``mix_pp + mix_pr < 1``):
+    ``n_offline / (1 - r - p - g)`` (``dpo_updates``) or ``n_offline / (1 - p - g)``
+    (``offline_once``), rounded."""
+    check_epoch_scaling(scaling, mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr)
+    dpo_share = 1.0 - mix_pp - mix_pr - (mix_dp if scaling == "dpo_updates" else 0.0)
+    return round(n_offline / dpo_share)
+
+
+def offline_pairs_for(total: int, *, mix_dp: float, mix_pp: float, mix_pr: float,
+                      scaling: str = "dpo_updates") -> int:
+    """The inverse of :func:`epoch_total`: how many offline pairs make an epoch of about
+    ``total`` examples (benchmarks compare methods at equal examples per epoch)."""
+    check_epoch_scaling(scaling, mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr)
+    dpo_share = 1.0 - mix_pp - mix_pr - (mix_dp if scaling == "dpo_updates" else 0.0)
+    return round(dpo_share * total)
+
+
 def epoch_counts(n_offline: int, *, mix_dp: float, mix_pp: float, mix_pr: float,
-                 online_pairs: int | None = None) -> EpochCounts:
-    """Each epoch passes every offline pair once (as DPO or DP) and adds online pairs so
-    that their share is ``mix_pp + mix_pr``: ``n_offline / (1 - mix_pp - mix_pr)`` examples.
-    With ``mix_pp + mix_pr = 1`` an epoch is ``online_pairs`` online pairs alone."""
+                 online_pairs: int | None = None, scaling: str = "dpo_updates"
+                 ) -> EpochCounts:
+    """Examples per route of every epoch, by ``scaling`` (see ``EPOCH_SCALINGS``): the
+    online shares are ``round(mix_pp * total)`` and the rest of ``total - offline``; DP's is
+    ``round(mix_dp * total)``. With ``mix_pp + mix_pr = 1`` an epoch is ``online_pairs``
+    online pairs alone."""
     online = mix_pp + mix_pr
     if online >= 1.0 - 1e-9:
-        total, n_off = int(online_pairs), 0
+        total = int(online_pairs)
+        n_pp, n_pr = round(mix_pp * total), round(mix_pr * total)
+        return EpochCounts(total=n_pp + n_pr, offline=0, dp=0, dpo=0, pp=n_pp, pr=n_pr, pairs=0)
+    total = epoch_total(n_offline, mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr,
+                        scaling=scaling)
+    n_dp = round(mix_dp * total)
+    if scaling == "dpo_updates":
+        n_dpo = n_offline  # every offline pair once as plain DPO; DP passes come on top
     else:
-        total, n_off = round(n_offline / (1.0 - online)), n_offline
-    n_pp, n_pr = round(mix_pp * total), round(mix_pr * total)
-    if n_off:
-        n_pp = min(n_pp, total - n_off)
-        n_pr = total - n_off - n_pp
-    n_dp = min(round(mix_dp * total), n_off)
-    return EpochCounts(total=n_off + n_pp + n_pr, offline=n_off, dp=n_dp, dpo=n_off - n_dp,
-                       pp=n_pp, pr=n_pr)
+        n_dp = min(n_dp, n_offline)
+        n_dpo = n_offline - n_dp
+    n_off = n_dpo + n_dp
+    n_pp = min(round(mix_pp * total), max(0, total - n_off))
+    n_pr = max(0, total - n_off - n_pp)
+    return EpochCounts(total=n_off + n_pp + n_pr, offline=n_off, dp=n_dp, dpo=n_dpo,
+                       pp=n_pp, pr=n_pr, pairs=n_offline)
+
+
+def dp_passes(n: int, k: int, seed: int, epoch: int) -> list[int]:
+    """The offline pairs of an epoch's ``k`` DP examples under ``dpo_updates``: a permutation
+    of the ``n`` pairs drawn from ``(seed, epoch)``, repeated when ``k > n``."""
+    if not k or not n:
+        return []
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i % n] for i in range(k)]
 
 
 def epoch_routes(n: int, mix_dp: float, seed: int, epoch: int, k: int | None = None
@@ -86,7 +154,11 @@ def plan_epoch(counts: EpochCounts, online_routes: list[int], *, mix_dp: float, 
         RuntimeError: the epoch needs online pairs of a route the round has none of.
     """
     items: list[tuple[str, int, int]] = []
-    if counts.offline:
+    if counts.offline and counts.offline > counts.pairs:  # dpo_updates: DP passes on top
+        items += [(OFFLINE, i, int(Route.DPO)) for i in range(counts.pairs)]
+        items += [(OFFLINE, i, int(Route.DP)) for i in dp_passes(counts.pairs, counts.dp, seed,
+                                                                   epoch)]
+    elif counts.offline:
         routes = epoch_routes(counts.offline, mix_dp, seed, epoch, k=counts.dp).tolist()
         items += [(OFFLINE, i, r) for i, r in enumerate(routes)]
     for route, need in ((Route.PP, counts.pp), (Route.PR, counts.pr)):

@@ -79,7 +79,11 @@ def resolve_callable(path: str) -> Callable:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
+        # A file beside the user's config is not importable from the console script unless
+        # its folder is on the path: the usual stumble with a first labeller of one's own.
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {e} (a module "
+                          "in a folder of your own needs that folder on PYTHONPATH, e.g. "
+                          "PYTHONPATH=examples sail-lightning fit ...)") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise AttributeError(f"{path!r}: {module_name!r} has no attribute {attr!r}")
@@ -120,7 +124,19 @@ def as_scores(values: Any, n: int, source: str) -> torch.Tensor:
 
 
 class ScoringLabeller(Labeller):
-    """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax)."""
+    """Scores each response; the chosen one scores higher, ties going to ``a`` (argmax).
+
+    A cost model (lower is better, as PKU-SafeRLHF's beaver cost model) is read with
+    ``lower_is_better=True`` in a subclass's options: its ``score`` then returns the negated
+    costs (:meth:`oriented`), so every consumer (labels, best-of-n, judged win rates) keeps
+    reading "higher is better".
+    """
+
+    lower_is_better: bool = False
+
+    def oriented(self, scores: torch.Tensor) -> torch.Tensor:
+        """The model's raw scores as higher-is-better scores (negated for a cost model)."""
+        return -scores if self.lower_is_better else scores
 
     def score_pair(self, prompts: Sequence[str], responses_a: Sequence[str],
                    responses_b: Sequence[str], messages: Messages | None) -> tuple:

@@ -52,12 +52,15 @@ class CallableLabeller(ScoringLabeller):
     Args:
         fn: ``fn(prompts, responses) -> floats`` (or a tensor; no messages), or its import
             path ``"package.module:function"``, as named in YAML.
+        lower_is_better: ``fn`` returns costs: ``score`` returns them negated.
     """
 
-    def __init__(self, fn: str | Callable) -> None:
+    def __init__(self, fn: str | Callable, *, lower_is_better: bool = False) -> None:
         self.fn, self.fn_name = as_callable(fn, "fn")
+        self.lower_is_better = bool(lower_is_better)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], *,
               messages: Messages | None = None) -> torch.Tensor:
         n = check_lengths(prompts=prompts, responses=responses, messages=messages)
-        return as_scores(self.fn(list(prompts), list(responses)), n, f"fn {self.fn_name!r}")
+        return self.oriented(as_scores(self.fn(list(prompts), list(responses)), n,
+                                       f"fn {self.fn_name!r}"))

@@ -56,10 +56,12 @@ class RemoteRewardLabeller(ScoringLabeller):
         retries: Retries of a request after a connection error or a 5xx answer.
         backoff: Seconds before the first retry; doubled at each next one.
         batch_size: (prompt, response) pairs per request.
+        lower_is_better: The server scores a cost: ``score`` returns the negated costs.
     """
 
     def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0, batch_size: int = 64) -> None:
+                 backoff: float = 1.0, batch_size: int = 64,
+                 lower_is_better: bool = False) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"url must be http(s)://HOST:PORT[/score], got {url!r}")
@@ -69,6 +71,7 @@ class RemoteRewardLabeller(ScoringLabeller):
         self.url = url if parsed.path not in ("", "/") else url.rstrip("/") + "/score"
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.batch_size = batch_size
+        self.lower_is_better = bool(lower_is_better)
         self._session: requests.Session | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -97,7 +100,7 @@ class RemoteRewardLabeller(ScoringLabeller):
                        "messages": None if messages is None else
                        [[list(turn) for turn in m] for m in messages[start:stop]]}
             scores.extend(self._checked_scores(self._post(payload), len(payload["prompts"])))
-        return torch.tensor(scores, dtype=torch.float32)
+        return self.oriented(torch.tensor(scores, dtype=torch.float32))
     def _post(self, payload: dict[str, Any]) -> Any:
         """The answer's JSON, after bounded retries of connection errors and 5xx answers."""
         for attempt in range(self.retries + 1):

@@ -61,16 +61,19 @@ class RewardModelLabeller(ScoringLabeller):
             transformers' classifiers, ``end_scores`` for safe-rlhf's (beaver) score models.
             The score is its first column, per sequence; a model whose forward returns a
             bare tensor is read as that tensor.
+        lower_is_better: The model scores a cost (lower is better): ``score`` returns the
+            negated costs, and the lower cost is chosen.
     """
 
     def __init__(self, name_or_path: str, *, device: str | None = None,
                  torch_dtype: str | None = None, quantization: QuantizationOptions | None = None,
                  batch_size: int = 16, max_length: int = 1024, progress: bool = True,
                  trust_remote_code: bool = False, model_class: str | None = None,
-                 output_field: str = "logits") -> None:
+                 output_field: str = "logits", lower_is_better: bool = False) -> None:
         if torch_dtype is not None and torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
         self.trust_remote_code, self.output_field = trust_remote_code, output_field
+        self.lower_is_better = bool(lower_is_better)
         # Resolved now, so a wrong path fails when the config is read, not at the first round.
         self.model_class = None if model_class is None else resolve_callable(model_class)
         self.quantization = resolve_quantization(quantization, "RewardModelLabeller.quantization")
@@ -187,7 +190,7 @@ class RewardModelLabeller(ScoringLabeller):
             out = self.model(input_ids=input_ids.to(self.device),
                              attention_mask=mask.to(self.device))
             scores[idx] = _output_scores(out, self.output_field, len(idx), self.name_or_path)
-        return scores
+        return self.oriented(scores)
 
 
 def _check_reward_model(model: torch.nn.Module, tokenizer: Any, name: str) -> None:

@@ -40,7 +40,9 @@ def test_train_dataloader_cheap_idempotent_and_routed():
     second = [b["route"] for b in dm.train_dataloader()]  # Lightning calls it twice on resume
     assert all(torch.equal(x, y) for x, y in zip(first, second, strict=False))
     routes = torch.cat(first)
-    assert int((routes == Route.DP).sum()) == round(0.5 * len(dm.train_pairs))
+    counts = dm.epoch_counts()  # dpo_updates: every pair as DPO, plus as many DP passes
+    assert counts.total == 2 * len(dm.train_pairs) and counts.dpo == len(dm.train_pairs)
+    assert int((routes == Route.DP).sum()) == counts.dp == round(0.5 * counts.total)
     # Shuffled independently of the route draw: DP rows are spread over the batches.
     assert all(0 < int((r == Route.DP).sum()) < len(r) for r in first)
     val_routes = torch.cat([b["route"] for b in dm.val_dataloader()])

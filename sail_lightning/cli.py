@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
+from sail_lightning.resume import check_checkpoint_file
 
 DESCRIPTION = """\
 sail-lightning: SAIL and the online DPO family (DPO, IPO, SAIL-DP/PP/PR, online and iterative
@@ -45,6 +46,20 @@ class SAILCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # `test` and `predict` need a test_step / forward that SAILModule does not have.
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def init_parser(self, **kwargs: Any):
+        # No abbreviated options: argparse would read --model.bet=0.5 as --model.beta, so a
+        # typo could set a neighbour silently (and a later option could change the meaning).
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # An empty or cut-off checkpoint fails now, naming it: LightningCLI reads the
+        # checkpoint's hparams next, where torch.load would raise a bare EOFError.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"), option="--ckpt_path")
 
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer per run: the model's, handed to the data.

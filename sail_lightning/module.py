@@ -299,11 +299,16 @@ def _validate(args: dict[str, Any]) -> None:
     for name, allowed in checks:
         if args[name] not in allowed:
             raise ValueError(f"model.{name} must be one of {allowed}, got {args[name]!r}")
-    if args["beta"] <= 0:
+    if not args["beta"] > 0:
         raise ValueError(f"model.beta must be > 0, got {args['beta']}")
-    for name in ("coef_dp", "coef_pp", "coef_pr"):
+    for name in ("coef_dp", "coef_pp", "coef_pr", "weight_decay", "bonus_alpha",
+                 "logprob_chunk_size"):
         if args[name] < 0:
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
+    if not args["lr"] > 0:  # also refuses NaN
+        raise ValueError(f"model.lr must be > 0, got {args['lr']}")
+    if not 0.0 <= args["label_smoothing"] < 0.5:
+        raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {args['label_smoothing']}")
     if args["loss_type"] != "sigmoid" and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
         raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
                          f"model.loss_type=sigmoid or the model.coef_* options to 0 "

@@ -142,6 +142,22 @@ class OnlinePool:
         self.pairs = pairs
         return path
 
+    def check_writable(self) -> None:
+        """Creates the rounds folder and a file in it, or raises naming ``data.pool_dir`` and
+        the folder: checked at setup, before training, not after an epoch that a failed
+        write of its round would lose (the epoch's checkpoint comes after the round)."""
+        import tempfile
+
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise PermissionError(
+                f"data.pool_dir: cannot write round files to {os.path.abspath(self.directory)} "
+                f"({exc.strerror or exc}); set data.pool_dir or trainer.default_root_dir to a "
+                "writable folder") from exc
+
     def set_offline_reference(self, logprobs: torch.Tensor | None) -> None:
         """Reference log-probs ``(n_offline, 2)`` of the offline pairs (chosen, rejected), or
         None when they must be computed again (after a reference update or a restore)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 import torch
@@ -78,6 +79,10 @@ class PairGenerationCallback(L.Callback):
             raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if prompts_per_round is not None and prompts_per_round < 0:
+            raise ValueError(f"prompts_per_round must be >= 0, got {prompts_per_round}")
+        if score_batch_size < 1:
+            raise ValueError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
@@ -106,6 +111,8 @@ class PairGenerationCallback(L.Callback):
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
         check_reference_update(trainer.strategy, pl_module.hparams.get("lora") is not None,
                                self.update_reference)
+        if trainer.is_global_zero:  # the rank that writes the round files
+            trainer.datamodule.pool.check_writable()
 
     def labeller_for(self, datamodule) -> Labeller | None:
         """The labeller of online pairs: this callback's, else the data's oracle."""
@@ -129,12 +136,32 @@ class PairGenerationCallback(L.Callback):
 
     _start_pending = False
 
+    def round_for_epoch(self, epoch: int) -> int:
+        """The round that ``epoch`` trains on: round 0 until the first regeneration, then
+        one more every ``every_n_epochs`` epochs."""
+        return epoch // self.every_n_epochs
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start_pending:
             self._start_pending = False
             self._start(trainer, pl_module)
             return
-        if self.cache_reference and trainer.datamodule.pool.offline_ref is None:
+        dm = trainer.datamodule
+        # After a resume: a round the checkpoint lacks (killed while it was generated,
+        # labelled or written; a step checkpoint on an epoch's last batch, after which
+        # Lightning skips that epoch's end; a finished run extended with more epochs) is
+        # built now, as the uninterrupted run built it: same weights, same seed.
+        missing = self.round_for_epoch(trainer.current_epoch) > dm.pool.current_round
+        if missing and dm.pool.current_round >= 0:
+            log.warning("the checkpoint holds round %d but epoch %d trains on round %d: "
+                        "building it now", dm.pool.current_round, trainer.current_epoch,
+                        self.round_for_epoch(trainer.current_epoch))
+            self._next_round(trainer, pl_module, trainer.current_epoch)
+            return
+        if missing:
+            self._start(trainer, pl_module)
+            return
+        if self.cache_reference and dm.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -148,14 +175,20 @@ class PairGenerationCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         next_epoch = trainer.current_epoch + 1
         if trainer.max_epochs not in (None, -1) and next_epoch >= trainer.max_epochs:
-            return  # no epoch left to train on a new round
-        if next_epoch % self.every_n_epochs:
-            return
+            return  # no epoch left to train on a new round (one more run builds it on resume)
+        if self.round_for_epoch(next_epoch) <= trainer.datamodule.pool.current_round:
+            return  # not a regeneration epoch, or the round was restored
+        self._next_round(trainer, pl_module, next_epoch)
+
+    def _next_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """The round for ``epoch``, after the reference update when there is one."""
+        dm = trainer.datamodule
         if self.update_reference:
             pl_module.pair.update_reference()
-            trainer.datamodule.pool.set_offline_reference(None)
+            dm.pool.set_offline_reference(None)
+        if dm.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)
-        self._round(trainer, pl_module, trainer.datamodule.pool.current_round + 1)
+        self._round(trainer, pl_module, self.round_for_epoch(epoch))
 
     # -- work ------------------------------------------------------------------------------
 
@@ -176,6 +209,7 @@ class PairGenerationCallback(L.Callback):
 
     def _round(self, trainer, pl_module, round_index: int) -> None:
         dm = trainer.datamodule
+        t0 = time.perf_counter()
         plan = dm.plan_round(round_index, self.prompts_per_round)
         n = len(plan.prompt_indices)
         if n == 0:
@@ -201,10 +235,14 @@ class PairGenerationCallback(L.Callback):
         truth = _true_rewards(dm.oracle, pairs[:real], records)
         gathered = all_gather_objects([(pairs[:real], stats, truth)], world)
         pairs = sorted((p for part, _, _ in gathered for p in part), key=lambda p: p.prompt_index)
+        t_write = time.perf_counter()
         path = dm.pool.add_round(round_index, pairs, write=trainer.is_global_zero)
         if trainer.is_global_zero:
             metrics = _metrics(round_index, pairs, [s for _, s, _ in gathered],
                                [t for _, _, t in gathered if t is not None])
+            done = time.perf_counter()
+            metrics["gen/write_seconds"] = done - t_write
+            metrics["gen/round_seconds"] = done - t0
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
@@ -234,6 +272,12 @@ def _metrics(round_index: int, pairs, stats: list[dict], truth: list[tuple]) -> 
         "gen/seconds": gen_s,
         "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
         "gen/label_seconds": max(s["label_seconds"] for s in stats),
+        # The round's cost split (the slowest rank's, as ranks run in parallel); with
+        # gen/write_seconds and gen/round_seconds (the whole round, gathering included).
+        # gen/seconds and gen/label_seconds are the first two under their older names.
+        "gen/generation_seconds": gen_s,
+        "gen/labelling_seconds": max(s["label_seconds"] for s in stats),
+        "gen/reference_seconds": max(s["ref_seconds"] for s in stats),
     }
     scored = [p.scores for p in pairs if p.scores]
     if scored:

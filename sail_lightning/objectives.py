@@ -11,6 +11,7 @@ shape ``(B,)`` and is unit-tested against hand-derived values. Notation (sail-me
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import IntEnum
 
 import torch
@@ -23,6 +24,9 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sppo")
 RESPONSE_TERMS = ("score_function", "released_code")
 BASELINES = ("none", "mean")
 BONUS_FORMS = ("selm", "xpo")
+SFT = "sft"
+"""``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
+preference (``sft_loss``); SAIL starts from such a model."""
 
 
 class Route(IntEnum):
@@ -109,9 +113,26 @@ def dpo_loss(
 
 def _per_route(route: Tensor, dp: float, pp: float, pr: float, dtype: torch.dtype) -> Tensor:
     """Coefficient per example, picked by its route (0 for plain DPO), in ``dtype`` (the
-    inputs'): a float32 table would round float64 coefficients (a relative 4e-8 error)."""
-    table = torch.tensor([0.0, dp, pp, pr], dtype=dtype, device=route.device)
-    return table[route]
+    inputs'): a float32 table would round float64 coefficients (a relative 4e-8 error).
+    Built on the route's device from Python scalars: a lookup table would be a
+    host-to-device copy every step."""
+    out = torch.zeros(route.shape, dtype=dtype, device=route.device)
+    for r, value in ((Route.DP, dp), (Route.PP, pp), (Route.PR, pr)):
+        if value:
+            out = torch.where(route == r, value, out)
+    return out
+
+
+def _present(routes: Collection[int] | None, route: Tensor, *wanted: Route) -> bool:
+    """Whether the batch holds a row of any ``wanted`` route: from ``routes`` (the set the
+    data pipeline recorded, a plain Python value) when given, else from the tensor, which
+    costs a host sync (a GPU stall per call)."""
+    if routes is not None:
+        return any(int(r) in routes for r in wanted)
+    mask = route == wanted[0]
+    for r in wanted[1:]:
+        mask = mask | (route == r)
+    return bool(mask.any())
 
 
 def sail_loss(
@@ -134,6 +155,7 @@ def sail_loss(
     metrics: bool = True,
     win_chosen: Tensor | None = None,
     win_rejected: Tensor | None = None,
+    routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
 
@@ -176,6 +198,11 @@ def sail_loss(
             gradient are the same either way.
         win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
             (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
+        routes: the routes present in the batch (``PreferenceCollator`` records them as
+            ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
+            None reads them from ``route`` (a host sync per check). Giving a set that
+            misses a route present in ``route`` is an error of the caller: that route's
+            label draws or baseline are skipped.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them
@@ -200,7 +227,7 @@ def sail_loss(
 
     # SAIL-DP: resample the dataset label from the policy's own Bradley-Terry model.
     flip = torch.zeros_like(is_dp)
-    if bool(is_dp.any()):
+    if _present(routes, route, Route.DP):
         h0 = margin(lp_c, lp_r, rlp_c, rlp_r)
         p_flip = 1 - self_label_probability(h0, beta=beta)
         draws = torch.bernoulli(p_flip, generator=generator).to(h0.device)
@@ -226,8 +253,9 @@ def sail_loss(
         ell_d = ell.detach()
         b = torch.zeros_like(ell_d)
         has_resp = (route == Route.PP) | (route == Route.PR)
-        if baseline == "mean" and bool(has_resp.any()):
-            b = ell_d[has_resp].mean().expand_as(ell_d)
+        if baseline == "mean" and _present(routes, route, Route.PP, Route.PR):
+            # A masked mean, not ell_d[has_resp]: boolean indexing is a host sync.
+            b = (torch.where(has_resp, ell_d, 0.0).sum() / has_resp.sum()).expand_as(ell_d)
         response = (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
     else:
         # Rows without a response coefficient are masked out before dividing: a log-prob of
@@ -271,6 +299,20 @@ def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, rout
     if bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
     return metrics
+
+
+def sft_loss(logps: Tensor, counts: Tensor) -> Tensor:
+    """Supervised fine-tuning: the mean negative log-likelihood per response token.
+
+    ``L = -sum_i log pi(y_i|x_i) / sum_i |y_i|`` over the batch's responses ``y_i`` (prompt
+    tokens are not predicted: their log-probs are not in ``logps``). Every token weighs the
+    same, so long responses count by their length, as in the usual SFT recipes.
+
+    Args:
+        logps: ``(B,)`` summed log-probs of each response (``sequence_logprobs``).
+        counts: ``(B,)`` response tokens of each.
+    """
+    return -logps.sum() / counts.sum().clamp(min=1)
 
 
 def preference_metrics(

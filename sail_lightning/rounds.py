@@ -155,7 +155,9 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
     label_seconds = time.perf_counter() - t1
 
     # Reference log-probs once, now: the training step then skips the reference forward.
+    t2 = time.perf_counter()
     _, ref = pair.pair_logprobs(selected, policy=False, batch_size=score_batch_size)
+    ref_seconds = time.perf_counter() - t2
     out = []
     for k, p in enumerate(selected):
         p = replace(p, ref_chosen=float(ref[k, 0]), ref_rejected=float(ref[k, 1]),
@@ -171,6 +173,7 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
         "eos": sum(bool(s) and s[-1] == eos for s in generated),
         "gen_seconds": gen_seconds,
         "label_seconds": label_seconds,
+        "ref_seconds": ref_seconds,
     }
     return out, stats
 

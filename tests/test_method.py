@@ -77,7 +77,7 @@ def test_every_shipped_method_config_agrees_and_is_named_after_itself():
     assert names == {"dpo": "dpo", "ipo": "ipo", "sail_dp": "sail_dp", "sail_pp": "sail_pp",
                      "sail_pr": "sail_pr", "sail_pr_rm": "sail_pr", "online_dpo": "online_dpo",
                      "iterative_dpo": "iterative_dpo", "selm": "selm", "xpo": "xpo",
-                     "spin": "spin", "sppo": "sppo"}
+                     "spin": "spin", "sppo": "sppo", "sft": "sft"}
 
 
 def test_special_cases_and_mixtures_are_named():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sail_lightning.objectives import Route, dpo_loss, exploration_bonus, sail_loss
+from sail_lightning.objectives import Route, dpo_loss, exploration_bonus, margin, sail_loss
 
 BETA = 0.1
 
@@ -274,10 +274,54 @@ def test_metrics_off_gives_the_same_loss_and_gradient_without_their_syncs(form, 
     assert torch.equal(loss_on, loss_off)  # bit for bit
     assert all(torch.equal(a, b) for a, b in zip(grad_on, grad_off, strict=True))
     # The metrics' syncs (per route present, the flip rate's) are gone; the loss's own remain:
-    # the DP-draw check, and the mean baseline's check and masked mean.
-    loss_syncs = 1 + 2 * (baseline == "mean")
+    # the DP-draw check and the mean baseline's check (its masked mean syncs no more).
+    loss_syncs = 1 + (baseline == "mean")
     assert syncs_off == loss_syncs and syncs_on >= syncs_off + 10
     assert run(False, torch.full((4,), int(Route.DPO)))[3] == 1 + (baseline == "mean")
+
+
+@pytest.mark.parametrize("form,baseline", [("score_function", "none"),
+                                           ("score_function", "mean"),
+                                           ("released_code", "none")])
+@pytest.mark.parametrize("rows", [[Route.DPO, Route.DP, Route.PP, Route.PR] * 3,
+                                  [Route.PR] * 8, [Route.PP, Route.PR] * 4, [Route.DPO] * 4])
+def test_routes_present_removes_the_loss_syncs_bit_for_bit(form, baseline, rows):
+    """Given the set of routes (as the collator records it), the loss asks the tensor
+    nothing: no host sync, and the same loss and gradients bit for bit."""
+    route = torch.tensor([int(r) for r in rows])
+
+    def run(routes):
+        lp = random_logps(len(rows), seed=5)
+        with _SyncCounter() as counter:
+            loss, _ = sail_loss(*lp, route, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
+                                response_term=form, baseline=baseline, grad_accum=2,
+                                generator=torch.Generator().manual_seed(1), metrics=False,
+                                routes=routes)
+        loss.backward()
+        return loss, [t.grad for t in lp[:2]], counter.syncs
+
+    loss_a, grads_a, syncs_a = run(None)
+    loss_b, grads_b, syncs_b = run(tuple(sorted({int(r) for r in rows})))
+    assert syncs_b == 0 and syncs_a >= 1
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_mean_baseline_masked_mean_equals_indexed_mean():
+    """The baseline's masked mean (no boolean indexing) is the indexed mean (to rounding)."""
+    lp = random_logps(12, seed=6)
+    for rows in ([Route.PR] * 12, [Route.DPO, Route.PP, Route.PR] * 4):
+        route = torch.tensor([int(r) for r in rows])
+        loss, _ = sail_loss(*lp, route, beta=BETA, coef_pp=0.3, coef_pr=0.4, baseline="mean",
+                            metrics=False)
+        ell = torch.nn.functional.logsigmoid(BETA * margin(*lp)).detach()
+        on = (route == Route.PP) | (route == Route.PR)
+        c = torch.tensor([0.0, 0.0, 0.3, 0.4], dtype=torch.float64)[route]
+        label = (-0.5 * torch.tensor([0.0, 0.0, 0.3, 0.0], dtype=torch.float64)[route]
+                 * ell**2).sum() / 12
+        expected = (dpo_loss(*lp, beta=BETA).mean() + label
+                    + (-c * (ell - ell[on].mean()) * (lp[0] + lp[1])).sum() / 12)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_sail_loss_coefficients_in_the_inputs_dtype():

@@ -50,6 +50,34 @@ def test_pair_logprobs_are_the_batch_forward_in_eval_mode_whatever_the_batch_siz
     assert counts.shape == (20,) and (counts > 0).all()
 
 
+def test_pair_logprobs_by_length_keep_the_order_and_cut_padding():
+    """Sorted by length, the batches hold less padding; the values come back in the pairs'
+    order, equal to the unsorted ones up to rounding."""
+    from sail_lightning.data.tokenize import TokenizedPair
+
+    m = module()
+    base = datamodule().train_pairs[:12]
+    # Lengths that vary a lot, interleaved so that unsorted batches mix short and long rows.
+    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids[: 1 + (i % 2) * 20],
+                           p.rejected_ids[: 1 + (i % 2) * 20]) for i, p in enumerate(base)]
+    widths: list[int] = []
+    original = m.pair.reference_logprobs
+
+    def spy(batch):
+        widths.append(batch["input_ids"].shape[1])
+        return original(batch)
+
+    m.pair.reference_logprobs = spy
+    pol_a, ref_a = m.pair.pair_logprobs(pairs, batch_size=6, by_length=False)
+    unsorted_width = sum(widths)
+    widths.clear()
+    pol_b, ref_b = m.pair.pair_logprobs(pairs, batch_size=6, by_length=True)
+    assert sum(widths) < unsorted_width
+    torch.testing.assert_close(pol_a, pol_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_a, ref_b, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ref_b[0], ref_b[1])  # distinct rows, so the order is checked
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_update_reference_copies_the_policy(lora, tiny_model_dir):
     m = module(model_name_or_path=str(tiny_model_dir), **({"lora": LORA} if lora else {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -184,12 +185,20 @@ def check_unk_rate(
     return rate
 
 
+def padded_length(example: dict) -> int:
+    """The longest row of an example (``TokenizedPair.example``) as the collator lays it out:
+    prompt plus its longest response (the batch is padded to its longest row)."""
+    responses = (example.get(k) or [] for k in ("chosen_ids", "rejected_ids", "bonus_ids"))
+    return len(example["prompt_ids"]) + max(len(r) for r in responses)
+
+
 class PreferenceCollator:
     """Pads a list of examples into one batch with chosen and rejected stacked.
 
     Rows ``[:B]`` of ``input_ids``, ``attention_mask`` and ``response_mask`` are
     prompt+chosen, rows ``[B:2B]`` prompt+rejected, right-padded to one length so that each
-    model runs once per batch. ``route`` has shape ``(B,)``. When any example carries a
+    model runs once per batch. ``route`` has shape ``(B,)``; ``routes_present`` is the
+    sorted tuple of the distinct routes (not a tensor). When any example carries a
     bonus response, rows ``[2B:3B]`` are prompt+bonus and ``bonus_mask`` (B,) marks the
     examples that have one. When every example has cached reference log-probs, they come
     as ``ref_logps`` of shape ``(2B,)`` (``(3B,)`` with bonus rows). When any example carries
@@ -200,7 +209,7 @@ class PreferenceCollator:
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, examples: Sequence[dict]) -> dict[str, Tensor]:
+    def __call__(self, examples: Sequence[dict]) -> dict[str, Any]:
         rows, masks = [], []
         has_bonus = any(ex.get("bonus_ids") for ex in examples)
         keys = ("chosen_ids", "rejected_ids", "bonus_ids") if has_bonus else ("chosen_ids",
@@ -210,6 +219,7 @@ class PreferenceCollator:
                 response = ex.get(key) or []
                 rows.append(ex["prompt_ids"] + response)
                 masks.append([0] * len(ex["prompt_ids"]) + [1] * len(response))
+        routes = [int(ex["route"]) for ex in examples]
         width = max(len(r) for r in rows)
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
@@ -223,7 +233,10 @@ class PreferenceCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "response_mask": response_mask,
-            "route": torch.tensor([int(ex["route"]) for ex in examples], dtype=torch.long),
+            "route": torch.tensor(routes, dtype=torch.long),
+            # The routes present, as a plain Python value: the training step decides which
+            # terms to compute from it without asking the device (a host sync per check).
+            "routes_present": tuple(sorted(set(routes))),
         }
         ref_keys = ("ref_chosen", "ref_rejected") + (("ref_bonus",) if has_bonus else ())
         if all(ex.get("ref_chosen") is not None for ex in examples) and (

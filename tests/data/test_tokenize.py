@@ -44,6 +44,7 @@ def test_collator_layout(synthetic_tokenizer):
     batch = PreferenceCollator(synthetic_tokenizer.pad_token_id)(examples)
     ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     assert ids.shape[0] == 4
+    assert batch["route"].tolist() == [0, 1] and batch["routes_present"] == (0, 1)
     for row, (p, key) in enumerate([(p, k) for k in ("chosen_ids", "rejected_ids") for p in pairs]):
         n_p, n_r = len(p.prompt_ids), len(getattr(p, key))
         assert ids[row, : n_p + n_r].tolist() == p.prompt_ids + getattr(p, key)

@@ -36,8 +36,8 @@ def versions() -> dict[str, str | None]:
 class SyncCounter(TorchDispatchMode):
     """Counts the ops that make the host wait for an accelerator: a tensor read as a Python
     value (``bool(t)``, ``.item()``, ``float(t)``), boolean-mask indexing and ``nonzero``
-    (data-dependent shapes), and copies to the CPU. On a CPU they cost nothing, so the count,
-    not the time, is what a CPU run can show of them."""
+    (data-dependent shapes), and copies from an accelerator to the CPU. On a CPU they cost
+    nothing, so the count, not the time, is what a CPU run can show of them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,7 +51,8 @@ class SyncCounter(TorchDispatchMode):
         elif func is torch.ops.aten.index.Tensor and any(
                 i is not None and i.dtype == torch.bool for i in args[1]):
             self.syncs += 1
-        elif func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "cpu":
+        elif (func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "cpu"
+              and args[0].device.type != "cpu"):
             self.syncs += 1
         return func(*args, **kwargs)
 
@@ -63,7 +64,15 @@ def bench_module(**options):
     from sail_lightning.module import SAILModule
 
     class BenchModule(SAILModule):
+        sync_counter: SyncCounter | None = None  # set: count the host syncs of the steps
+
         def setup(self, stage: str) -> None:
             pass
+
+        def training_step(self, batch, batch_idx):
+            if self.sync_counter is None:
+                return super().training_step(batch, batch_idx)
+            with self.sync_counter:
+                return super().training_step(batch, batch_idx)
 
     return BenchModule(**options)

@@ -78,6 +78,10 @@ class PairGenerationCallback(L.Callback):
             raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if prompts_per_round is not None and prompts_per_round < 0:
+            raise ValueError(f"prompts_per_round must be >= 0, got {prompts_per_round}")
+        if score_batch_size < 1:
+            raise ValueError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
@@ -103,6 +107,8 @@ class PairGenerationCallback(L.Callback):
                 f"{trainer.reload_dataloaders_every_n_epochs}): otherwise no epoch sees new rounds")
         check_reference_update(trainer.strategy, pl_module.hparams.get("lora") is not None,
                                self.update_reference)
+        if trainer.is_global_zero:  # the rank that writes the round files
+            trainer.datamodule.pool.check_writable()
 
     def labeller_for(self, datamodule) -> Labeller | None:
         """The labeller of online pairs: this callback's, else the data's oracle."""
@@ -126,12 +132,32 @@ class PairGenerationCallback(L.Callback):
 
     _start_pending = False
 
+    def round_for_epoch(self, epoch: int) -> int:
+        """The round that ``epoch`` trains on: round 0 until the first regeneration, then
+        one more every ``every_n_epochs`` epochs."""
+        return epoch // self.every_n_epochs
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start_pending:
             self._start_pending = False
             self._start(trainer, pl_module)
             return
-        if self.cache_reference and trainer.datamodule.pool.offline_ref is None:
+        dm = trainer.datamodule
+        # After a resume: a round the checkpoint lacks (killed while it was generated,
+        # labelled or written; a step checkpoint on an epoch's last batch, after which
+        # Lightning skips that epoch's end; a finished run extended with more epochs) is
+        # built now, as the uninterrupted run built it: same weights, same seed.
+        missing = self.round_for_epoch(trainer.current_epoch) > dm.pool.current_round
+        if missing and dm.pool.current_round >= 0:
+            log.warning("the checkpoint holds round %d but epoch %d trains on round %d: "
+                        "building it now", dm.pool.current_round, trainer.current_epoch,
+                        self.round_for_epoch(trainer.current_epoch))
+            self._next_round(trainer, pl_module, trainer.current_epoch)
+            return
+        if missing:
+            self._start(trainer, pl_module)
+            return
+        if self.cache_reference and dm.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -145,14 +171,20 @@ class PairGenerationCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         next_epoch = trainer.current_epoch + 1
         if trainer.max_epochs not in (None, -1) and next_epoch >= trainer.max_epochs:
-            return  # no epoch left to train on a new round
-        if next_epoch % self.every_n_epochs:
-            return
+            return  # no epoch left to train on a new round (one more run builds it on resume)
+        if self.round_for_epoch(next_epoch) <= trainer.datamodule.pool.current_round:
+            return  # not a regeneration epoch, or the round was restored
+        self._next_round(trainer, pl_module, next_epoch)
+
+    def _next_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """The round for ``epoch``, after the reference update when there is one."""
+        dm = trainer.datamodule
         if self.update_reference:
             pl_module.pair.update_reference()
-            trainer.datamodule.pool.set_offline_reference(None)
+            dm.pool.set_offline_reference(None)
+        if dm.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)
-        self._round(trainer, pl_module, trainer.datamodule.pool.current_round + 1)
+        self._round(trainer, pl_module, self.round_for_epoch(epoch))
 
     # -- work ------------------------------------------------------------------------------
 

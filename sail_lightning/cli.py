@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
+from sail_lightning.resume import check_checkpoint_file
 
 DESCRIPTION = """\
 sail-lightning: SAIL and the online DPO family (DPO, IPO, SAIL-DP/PP/PR, online and iterative
@@ -20,6 +21,8 @@ commands:
   fit            train (sail-lightning fit -c configs/quickstart.yaml)
   validate       evaluate a checkpoint (... validate -c <config> --ckpt_path <file>)
   serve-reward   host a reward model over HTTP (sail-lightning serve-reward --help)
+  build-models   train BPE tokenizers and build a small policy and reward model offline
+                 (sail-lightning build-models --output models/tiny --train-reward; --help)
 
 Options of a command: `sail-lightning fit --help`; of a callback in the config:
 `sail-lightning fit --trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback`
@@ -43,6 +46,20 @@ class SAILCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # `test` and `predict` need a test_step / forward that SAILModule does not have.
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def init_parser(self, **kwargs: Any):
+        # No abbreviated options: argparse would read --model.bet=0.5 as --model.beta, so a
+        # typo could set a neighbour silently (and a later option could change the meaning).
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # An empty or cut-off checkpoint fails now, naming it: LightningCLI reads the
+        # checkpoint's hparams next, where torch.load would raise a bare EOFError.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"), option="--ckpt_path")
 
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer per run: the model's, handed to the data.
@@ -83,14 +100,21 @@ def _place_logs(config: Any) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``sail-lightning <command> ...``; ``args`` replaces ``sys.argv`` (tests).
 
-    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) is no Lightning
-    subcommand and has a parser of its own; ``fit`` and ``validate`` are LightningCLI's.
+    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) and
+    ``build-models`` (``sail_lightning.build_models``) are no Lightning subcommands and
+    have parsers of their own; ``fit`` and ``validate`` are LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "serve-reward":
         from sail_lightning.serving import serve_reward  # litserve loads only for the server
 
         serve_reward(argv[1:])
+        return
+    if argv and argv[0] == "build-models":
+        from sail_lightning.build_models import main as build_models
+
+        if rc := build_models(argv[1:], prog="sail-lightning build-models"):
+            raise SystemExit(rc)
         return
     SAILCLI(
         SAILModule,

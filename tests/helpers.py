@@ -22,6 +22,53 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RaiseAt(L.Callback):
+    """Raise on every rank after optimizer step ``step`` (before its checkpoint is saved) or
+    at the end of epoch ``epoch_end`` (after its last batch, before the next round): a crash
+    that, unlike SIGKILL of one rank, does not leave the other rank waiting in a collective."""
+
+    def __init__(self, step: int | None = None, epoch_end: int | None = None) -> None:
+        self.step, self.epoch_end = step, epoch_end
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed after step {self.step}")
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch_end:
+            raise RuntimeError(f"killed at the end of epoch {self.epoch_end}")
+
+
+class StepLog(L.Callback):
+    """Append each global step's input-ids hash and loss to ``<path>/rank<r>.jsonl`` (a line
+    per step, written at once: a killed run keeps the steps it trained)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ids = ""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        line = {"step": trainer.global_step - 1, "ids": self.ids, "loss": float(outputs["loss"])}
+        with open(os.path.join(self.path, f"rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def step_log(path) -> dict[int, dict[int, tuple[str, float]]]:
+    """Per rank, per global step: (ids hash, loss), later lines (a resumed run's) winning."""
+    out: dict[int, dict[int, tuple[str, float]]] = {}
+    for file in sorted(os.listdir(path)):
+        rank = int(file[4:].split(".")[0])
+        with open(os.path.join(path, file)) as f:
+            for line in f:
+                d = json.loads(line)
+                out.setdefault(rank, {})[d["step"]] = (d["ids"], d["loss"])
+    return out
+
+
 class DumpPool(L.Callback):
     """Write each rank's view of the online pool and its per-step losses to `path`."""
 

@@ -112,6 +112,9 @@ def test_restore_after_setup_generates_round_zero_once_and_not_on_resume(tmp_pat
     trainer.save_checkpoint(ckpt)
     files = {r["path"]: os.stat(r["path"]).st_mtime_ns for r in dm.pool.rounds}
     _, resumed, calls_run = run(3, ckpt_path=ckpt)
-    assert calls_run == []  # nothing generated: epoch 2 trains on the restored round 1
-    assert resumed.pool.rounds == dm.pool.rounds
+    # Round 0 is not generated again; the run extended to 3 epochs builds epoch 2's round
+    # (before, epoch 2 silently trained on round 1 again).
+    assert calls_run == [2]
+    assert resumed.pool.rounds[:2] == dm.pool.rounds
+    assert [r["round"] for r in resumed.pool.rounds] == [0, 1, 2]
     assert {path: os.stat(path).st_mtime_ns for path in files} == files  # none rewritten

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sail_lightning.data.loaders import EpochView, PairDataset, ResumableDataLoader
 from sail_lightning.data.mixture import (
-    OFFLINE,
     EpochCounts,
     RoundPlan,
+    bucket_by_length,
     check_epoch_scaling,
     epoch_counts,
     plan_epoch,
@@ -33,6 +33,7 @@ from sail_lightning.data.tokenize import (
     PreferenceCollator,
     TokenizedPair,
     check_unk_rate,
+    padded_length,
     tokenize_and_filter,
 )
 from sail_lightning.labellers import Labeller
@@ -66,6 +67,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: prompts keep their last this many tokens.
         max_response_length: responses keep their first this many tokens (eos included).
         batch_size: pairs per training batch (per device).
+        length_buckets: 0 (off) or k: batches of similar length, sorted within windows of k
+            batches of the shuffled epoch (``data.mixture.bucket_by_length``); less padding.
         eval_batch_size: pairs per validation batch (defaults to ``batch_size``).
         mix_dp: fraction of each epoch's examples that are offline pairs relabelled by the
             policy (SAIL-DP, the paper's r).
@@ -111,6 +114,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: int = 256,
         max_response_length: int = 256,
         batch_size: int = 8,
+        length_buckets: int = 0,
         eval_batch_size: int | None = None,
         mix_dp: float = 0.0,
         mix_pp: float = 0.0,
@@ -135,6 +139,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_pairs: list[TokenizedPair] = []
         self.stats: dict[str, float] = {}
         self._restored: dict | None = None
+        self._loader: ResumableDataLoader | None = None  # this epoch's, for its position
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint
         self.train_records: list[PreferenceRecord] = []
         self.val_records: list[PreferenceRecord] = []
         self.pool = OnlinePool(pool_dir or "rounds")
@@ -228,7 +234,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if trainer is not None and hp.mix_dp > 0 and trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning("data.mix_dp > 0 without trainer.reload_dataloaders_every_n_epochs=1: "
                         "the same pairs go to SAIL-DP every epoch")
-        return ResumableDataLoader(
+        self._loader = ResumableDataLoader(
             view,
             batch_size=hp.batch_size,
             shuffle=False,
@@ -236,6 +242,18 @@ class PreferenceDataModule(L.LightningDataModule):
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )
+        self._loader.start_batch = self.start_batch
+        return self._loader
+
+    def start_batch(self) -> int:
+        """Batches of the current epoch already trained on: those a restored checkpoint
+        recorded when it was saved in this epoch, else 0. Asked once per pass over the
+        train loader, at its first batch (after any restore); the position is used once."""
+        at, self._resume_at = self._resume_at, None
+        if at is not None and at[0] == self._epoch():
+            log.info("resuming epoch %d at batch %d", at[0], at[1])
+            return at[1]
+        return 0
 
     def val_dataloader(self) -> DataLoader:
         routes = torch.full((len(self.val_pairs),), int(Route.DPO), dtype=torch.long)
@@ -262,17 +280,12 @@ class PreferenceDataModule(L.LightningDataModule):
         hp, pool = self.hparams, self.pool
         plan = plan_epoch(self.epoch_counts(), [p.route for p in pool.pairs], mix_dp=hp.mix_dp,
                           seed=hp.seed, epoch=epoch, round_index=pool.current_round)
-        items = []
-        for kind, i, route in plan:
-            if kind != OFFLINE:
-                items.append(pool.pairs[i].pair.example(route))
-                continue
-            pair = self.train_pairs[i]
-            if pool.offline_ref is not None:
-                ref = pool.offline_ref[i].tolist()
-                pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
-                                     ref[0], ref[1])
-            items.append(pair.example(route))
+        items = pool.examples(plan, self.train_pairs)
+        if hp.length_buckets:  # batches of similar length: less padding
+            world = self.trainer.world_size if getattr(self, "trainer", None) else 1
+            items = [items[i] for i in bucket_by_length(
+                [padded_length(x) for x in items], hp.batch_size * world, hp.length_buckets,
+                seed=hp.seed, epoch=epoch)]
         return items
 
     def plan_round(self, round_index: int, prompts_per_round: int | None = None) -> RoundPlan:
@@ -290,11 +303,16 @@ class PreferenceDataModule(L.LightningDataModule):
             "train_pairs": len(self.train_pairs or []),
             "val_pairs": len(self.val_pairs),
             "fingerprint": getattr(self, "fingerprint", None),
+            # Where training is in the epoch: a mid-epoch checkpoint resumes at this batch.
+            "position": {"epoch": self._epoch(),
+                         "batches": self._loader.batches_yielded if self._loader else 0},
             **self.pool.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
+        position = state_dict.get("position")
+        self._resume_at = (position["epoch"], position["batches"]) if position else None
         self.pool.load_state_dict(state_dict)
         if self.train_pairs is not None:
             self._check_restored()
@@ -353,6 +371,8 @@ def _validate(args: dict) -> None:
                          "(training on online pairs alone)")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if args["length_buckets"] < 0:
+        raise ValueError(f"data.length_buckets must be >= 0, got {args['length_buckets']}")
     for name in ("max_prompt_length", "max_response_length", "batch_size"):
         if args[name] < 1:
             raise ValueError(f"data.{name} must be >= 1, got {args[name]}")

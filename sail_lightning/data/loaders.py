@@ -51,27 +51,36 @@ class EpochView(Dataset):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning resumes mid-epoch exactly: it skips the batches already
-    trained on (Lightning saves and restores ``state_dict()`` of stateful loaders).
+    """A DataLoader that resumes mid-epoch exactly: it skips the batches already trained on.
+
+    The position is the DataModule's (``PreferenceDataModule.state_dict``), not this
+    loader's: Lightning restores a loader's own state only when it builds the loader after
+    the restore, which it does not in epoch 0 (``estimated_stepping_batches`` builds the loader
+    before the checkpoint is read, and epoch 0 never rebuilds it), so a loader-held position
+    was dropped there. ``start_batch`` is asked lazily, at the first batch of each pass, by
+    which time any checkpoint is restored.
 
     Lightning does not prefetch from a loader with a length (this one has one), so at a
     checkpoint the batches yielded are the batches trained on. Same ``__init__`` as
     DataLoader, so Lightning can rebuild it with a DistributedSampler.
     """
 
-    _skip = 0
-    _yielded = 0
+    start_batch: Callable[[], int] | None = None  # set by the DataModule: batches to skip
+    batches_yielded = 0  # batches of the current pass handed out, skipped ones included
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._yielded = 0
+        self.batches_yielded = 0
+        skip = self.start_batch() if self.start_batch is not None else 0
         for batch in super().__iter__():
-            self._yielded += 1
-            if self._yielded > skip:
+            self.batches_yielded += 1
+            if self.batches_yielded > skip:
                 yield batch
 
+    # Lightning saves and restores a stateful loader's state; this loader stays stateful so
+    # that Lightning does not warn that it cannot resume mid-epoch, but the position it
+    # restores is the DataModule's (see the class docstring): restoring both would skip twice.
     def state_dict(self) -> dict:
-        return {"batches_trained": self._yielded}
+        return {"batches_trained": self.batches_yielded}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._skip = int(state_dict.get("batches_trained", 0))
+        """Ignored: ``PreferenceDataModule.load_state_dict`` restores the position."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sail_lightning.data.mixture import OFFLINE
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.objectives import Route
 
@@ -141,10 +142,44 @@ class OnlinePool:
         self.pairs = pairs
         return path
 
+    def check_writable(self) -> None:
+        """Creates the rounds folder and a file in it, or raises naming ``data.pool_dir`` and
+        the folder: checked at setup, before training, not after an epoch that a failed
+        write of its round would lose (the epoch's checkpoint comes after the round)."""
+        import tempfile
+
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise PermissionError(
+                f"data.pool_dir: cannot write round files to {os.path.abspath(self.directory)} "
+                f"({exc.strerror or exc}); set data.pool_dir or trainer.default_root_dir to a "
+                "writable folder") from exc
+
     def set_offline_reference(self, logprobs: torch.Tensor | None) -> None:
         """Reference log-probs ``(n_offline, 2)`` of the offline pairs (chosen, rejected), or
         None when they must be computed again (after a reference update or a restore)."""
         self.offline_ref = logprobs
+
+    def examples(self, plan: list[tuple[str, int, int]], offline: list[TokenizedPair]
+                 ) -> list[dict]:
+        """The examples of an epoch plan (``data.mixture.plan_epoch``): ``(kind, i, route)``
+        names offline pair ``i`` of ``offline`` (with its cached reference log-probs when the
+        pool holds them) or pair ``i`` of the latest round."""
+        items = []
+        for kind, i, route in plan:
+            if kind != OFFLINE:
+                items.append(self.pairs[i].pair.example(route))
+                continue
+            pair = offline[i]
+            if self.offline_ref is not None:
+                ref = self.offline_ref[i].tolist()
+                pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                     ref[0], ref[1])
+            items.append(pair.example(route))
+        return items
 
     def state_dict(self) -> dict:
         return {"rounds": list(self.rounds)}

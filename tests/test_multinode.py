@@ -68,7 +68,7 @@ def assert_same_pools(ranks: dict) -> None:
     assert ranks[0]["rounds"] == ranks[1]["rounds"]
 
 
-def test_two_nodes_ddp_online_pools_agree_and_offline_losses_equal_one_process(
+def test_two_nodes_ddp_losses_equal_one_process(
         tmp_path, one_process_dpo):
     # Offline DPO on 2 nodes x 4 pairs: the one-process run on 8-pair batches, step by step.
     two = run_nodes(tmp_path, "dpo", "dpo", "--data.batch_size=4", *DDP)

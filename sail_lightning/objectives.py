@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+# The exploration bonuses live in their own file; re-exported here, where callers find the
+# other objectives.
+from sail_lightning.objectives_bonus import BONUS_FORMS, bonus_loss, exploration_bonus  # noqa: F401
+from sail_lightning.objectives_selfplay import sppo_loss
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sppo")
 RESPONSE_TERMS = ("score_function", "released_code")
 BASELINES = ("none", "mean")
-BONUS_FORMS = ("selm", "xpo")
 SFT = "sft"
 """``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
 preference (``sft_loss``); SAIL starts from such a model."""
@@ -82,12 +86,17 @@ def dpo_loss(
     - ``hinge``: ``relu(1 - beta h)``
     - ``ipo``: ``(h - 1/(2 beta))^2``. IPO is defined on length-averaged log-probs: callers
       pass per-token means, not sums; this function uses whatever it is given.
+    - ``sppo``: needs each pair's win probabilities: ``objectives_selfplay.sppo_loss``
+      (through :func:`sail_loss`'s ``win_chosen`` / ``win_rejected``).
 
     Returns:
         Tensor of shape ``(B,)``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "sppo":
+        raise ValueError("loss_type='sppo' regresses on win probabilities: use "
+                         "objectives_selfplay.sppo_loss or sail_loss(..., win_chosen=...)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
@@ -146,6 +155,8 @@ def sail_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     metrics: bool = True,
+    win_chosen: Tensor | None = None,
+    win_rejected: Tensor | None = None,
     routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
@@ -187,6 +198,8 @@ def sail_loss(
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
+        win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
+            (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
         routes: the routes present in the batch (``PreferenceCollator`` records them as
             ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
             None reads them from ``route`` (a host sync per check). Giving a set that
@@ -228,8 +241,11 @@ def sail_loss(
         c_ref = torch.where(flip, rlp_r, rlp_c)
         r_ref = torch.where(flip, rlp_c, rlp_r)
 
-    base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
-                    label_smoothing=label_smoothing)
+    if loss_type == "sppo":
+        base = sppo_loss(c_lp, r_lp, c_ref, r_ref, win_chosen, win_rejected, beta=beta)
+    else:
+        base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
+                        label_smoothing=label_smoothing)
     dpo_term = base.mean()
     # A term whose coefficient is 0 on every route of the batch adds exactly 0 to the loss
     # and its gradient: it is skipped (with the routes known, a batch without DP/PP/PR rows
@@ -353,41 +369,3 @@ def preference_metrics(
             "logps/chosen": policy_chosen_logps.detach().mean(),
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
-
-
-def bonus_loss(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    mask: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    form: str = "selm",
-) -> Tensor:
-    """The exploration bonus of a batch: :func:`exploration_bonus` summed over the examples
-    that carry a bonus response (``mask``) and divided by the batch size, as the other terms
-    are averaged over the whole batch."""
-    bonus = exploration_bonus(policy_logps, ref_logps, alpha=alpha, beta=beta, form=form)
-    return (bonus * mask.to(bonus.dtype)).sum() / mask.shape[0]
-
-
-def exploration_bonus(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    form: str = "selm",
-) -> Tensor:
-    """Optimism bonus added to the loss, per example.
-
-    - ``selm`` (SELM): ``alpha * beta * (log pi_theta(y_ref) - log pi_ref(y_ref))``
-    - ``xpo`` (XPO): ``alpha * log pi_theta(y~)``, ``y~`` sampled from the reference.
-
-    Both have the same gradient when ``alpha_xpo = alpha_selm * beta``.
-    """
-    if form == "selm":
-        return alpha * beta * (policy_logps - ref_logps)
-    if form == "xpo":
-        return alpha * policy_logps
-    raise ValueError(f"form must be one of {BONUS_FORMS}, got {form!r}")

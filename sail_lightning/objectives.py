@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+from sail_lightning.objectives_selfplay import sppo_loss
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sppo")
 RESPONSE_TERMS = ("score_function", "released_code")
 BASELINES = ("none", "mean")
 BONUS_FORMS = ("selm", "xpo")
@@ -82,12 +84,17 @@ def dpo_loss(
     - ``hinge``: ``relu(1 - beta h)``
     - ``ipo``: ``(h - 1/(2 beta))^2``. IPO is defined on length-averaged log-probs: callers
       pass per-token means, not sums; this function uses whatever it is given.
+    - ``sppo``: needs each pair's win probabilities: ``objectives_selfplay.sppo_loss``
+      (through :func:`sail_loss`'s ``win_chosen`` / ``win_rejected``).
 
     Returns:
         Tensor of shape ``(B,)``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "sppo":
+        raise ValueError("loss_type='sppo' regresses on win probabilities: use "
+                         "objectives_selfplay.sppo_loss or sail_loss(..., win_chosen=...)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
@@ -146,6 +153,8 @@ def sail_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     metrics: bool = True,
+    win_chosen: Tensor | None = None,
+    win_rejected: Tensor | None = None,
     routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
@@ -187,6 +196,8 @@ def sail_loss(
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
+        win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
+            (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
         routes: the routes present in the batch (``PreferenceCollator`` records them as
             ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
             None reads them from ``route`` (a host sync per check). Giving a set that
@@ -227,8 +238,11 @@ def sail_loss(
     c_ref = torch.where(flip, rlp_r, rlp_c)
     r_ref = torch.where(flip, rlp_c, rlp_r)
 
-    base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
-                    label_smoothing=label_smoothing)
+    if loss_type == "sppo":
+        base = sppo_loss(c_lp, r_lp, c_ref, r_ref, win_chosen, win_rejected, beta=beta)
+    else:
+        base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
+                        label_smoothing=label_smoothing)
     ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
 
     c_label = _per_route(route, coef_dp, coef_pp, 0.0, ell.dtype)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from sail_lightning.data.records import DROP_REASONS, PreferenceRecord, ReadStats
 
@@ -198,7 +197,8 @@ class PreferenceCollator:
     Rows ``[:B]`` of ``input_ids``, ``attention_mask`` and ``response_mask`` are
     prompt+chosen, rows ``[B:2B]`` prompt+rejected, right-padded to one length so that each
     model runs once per batch. ``route`` has shape ``(B,)``; ``routes_present`` is the
-    sorted tuple of the distinct routes (not a tensor). When any example carries a
+    sorted tuple of the distinct routes (not a tensor: the training step reads it without a
+    host sync; code that changes ``route`` must update it, or delete it). When any example carries a
     bonus response, rows ``[2B:3B]`` are prompt+bonus and ``bonus_mask`` (B,) marks the
     examples that have one. When every example has cached reference log-probs, they come
     as ``ref_logps`` of shape ``(2B,)`` (``(3B,)`` with bonus rows). When any example carries

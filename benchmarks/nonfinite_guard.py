@@ -114,7 +114,7 @@ def run(variant: str, steps: int, dm: PreferenceDataModule) -> dict:
         model.guard = NoGuard(sync_check=variant == "sync_check")
     fused = module_file.fused_kwargs
     if variant not in ("guard_fused", "none_fused"):
-        module_file.fused_kwargs = lambda params: {}
+        module_file.fused_kwargs = lambda params, plugin=None: {}
     counter = {"on": False, "syncs": 0}
     timer = Timer(counter)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=steps,

@@ -2,10 +2,11 @@
 
 The check costs no host sync on steps that need none. Each step's verdict stays on the
 device: ``finite = isfinite(loss) & isfinite(total gradient norm)``. A fused AdamW (what
-``SAILModule.configure_optimizers`` builds where torch has one) reads it as ``found_inf`` and
-skips the update inside its kernel, as it does for a mixed-precision scaler: no weight,
-moment or step count moves. Other optimizers get the verdict with one host sync, and a bad
-step's gradients are dropped (an optimizer skips a parameter without a gradient). Under
+``SAILModule.configure_optimizers`` builds where torch has one and the precision is not
+Lightning's ``*-mixed``, whose plugin refuses to clip a fused optimizer's gradients) reads it
+as ``found_inf`` and skips the update inside its kernel, as it does for a mixed-precision
+scaler: no weight, moment or step count moves. Other optimizers (and FSDP2's sharded
+parameters) get the verdict with one host sync, and a bad step's gradients are dropped (an optimizer skips a parameter without a gradient). Under
 DDP and FSDP the gradients are already reduced, so every rank takes the same decision.
 
 Bad steps are counted on the device and read where the run syncs anyway (the logger's
@@ -56,12 +57,18 @@ class NonFiniteGuard:
         if parts:
             self._parts = {step: {k: float(parts[k]) for k in _PARTS if k in parts}}
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer,
-                              params: Iterable[torch.nn.Parameter], step: int) -> None:
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int, *,
+                              world_size: int = 1) -> None:
         """Decides on the device whether this step may update the weights, and makes the
-        optimizer skip it if not."""
+        optimizer skip it if not. The gradients checked are the optimizer's own parameters'
+        (FSDP1's flat parameters, not the module's views), reduced across ranks already."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        # Under DDP / FSDP the decision rests on the reduced gradients alone, the same on
+        # every rank (a rank's non-finite loss makes them non-finite): a rank-local loss
+        # flag could let one rank skip a step that another takes.
+        local = self._loss_finite if self._loss_finite is not None and world_size == 1 else None
+        finite = local if local is not None else torch.tensor(True)
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
             if hasattr(norm, "full_tensor"):
@@ -123,9 +130,15 @@ def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None,
     return f"Likely: {hint}"
 
 
-def fused_kwargs(params: list[torch.nn.Parameter]) -> dict:
+def fused_kwargs(params: list[torch.nn.Parameter], precision_plugin: object = None) -> dict:
     """``{"fused": True}`` where torch's fused AdamW takes these parameters (plain float
-    tensors on CPU or CUDA; not FSDP2's DTensors), else ``{}`` (the guard then syncs)."""
+    tensors on CPU or CUDA; not FSDP2's DTensors) and Lightning can clip its gradients (its
+    ``*-mixed`` plugin refuses to clip for an optimizer that unscales by itself), else
+    ``{}``: the guard then costs a host sync a step."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    if isinstance(precision_plugin, MixedPrecision) or getattr(precision_plugin, "scaler", None):
+        return {}  # (a GradScaler sets found_inf itself, from its own check)
     ok = params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
                         and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                         for p in params)

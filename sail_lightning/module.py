@@ -243,8 +243,8 @@ class SAILModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # A non-finite step never updates the weights; it is reported where the run syncs.
-        self.guard.before_optimizer_step(optimizer, list(self.pair.policy.parameters()),
-                                         self.global_step)
+        self.guard.before_optimizer_step(optimizer, self.global_step,
+                                         world_size=self.trainer.world_size)
         if not self.logging_step():
             return
         self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
@@ -268,7 +268,7 @@ class SAILModule(L.LightningModule):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         # Fused where torch has it: it skips a non-finite step on the device (guard.py).
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay,
-                                      **fused_kwargs(params))
+                                      **fused_kwargs(params, self.trainer.precision_plugin))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = get_scheduler(hp.scheduler, optimizer,
                                  num_warmup_steps=int(hp.warmup_ratio * total),

@@ -67,15 +67,20 @@ def test_unfused_optimizer_drops_a_bad_steps_gradients():
     guard = NonFiniteGuard()
     guard.record(0, torch.tensor(float("nan")), ("pr",))
     p.grad = torch.ones(3)
-    guard.before_optimizer_step(opt, [p], 0)
+    guard.before_optimizer_step(opt, 0)
     assert p.grad is None and guard.skipped_synced == 1
     opt.step()
     assert torch.equal(p.data, torch.ones(3))
 
 
-def test_fused_only_for_plain_float_tensors():
-    assert fused_kwargs([torch.nn.Parameter(torch.ones(2))]) == {"fused": True}
+def test_fused_only_for_plain_float_tensors_outside_mixed_precision():
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert fused_kwargs(params) == fused_kwargs(params, Precision()) == {"fused": True}
     assert fused_kwargs([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]) == {}
+    # Lightning's *-mixed plugins refuse to clip gradients of a fused optimizer.
+    assert fused_kwargs(params, MixedPrecision("bf16-mixed", "cpu")) == {}
 
 
 @pytest.mark.parametrize(("parts", "routes", "response_term", "expected", "absent"), [

@@ -249,17 +249,18 @@ def build_models(
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's parser (reusable as a ``sail-lightning`` subcommand)."""
+def build_parser(prog: str = "python -m sail_lightning.build_models") -> argparse.ArgumentParser:
+    """The command's parser; ``prog`` names the command in ``--help`` (``sail-lightning
+    build-models`` when run as the CLI's subcommand)."""
     parser = argparse.ArgumentParser(
-        prog="python -m sail_lightning.build_models",
+        prog=prog,
         description="Train byte-level BPE tokenizers on local preference data; build a small "
         "causal-LM policy and a reward model (one-output sequence classifier) with another "
         "vocabulary and chat template. OUTPUT/policy and OUTPUT/reward load back with "
         "AutoModelFor*.from_pretrained and AutoTokenizer.from_pretrained. No download.",
         epilog="examples:\n"
-        "  python -m sail_lightning.build_models --output models/tiny --train-reward\n"
-        "  python -m sail_lightning.build_models --output models/hh --arch qwen2 \\\n"
+        f"  {prog} --output models/tiny --train-reward\n"
+        f"  {prog} --output models/hh --arch qwen2 \\\n"
         "      --source hh-rlhf --source my_pairs.jsonl\n"
         "then train with --model.model_name_or_path models/tiny/policy --model.model_config "
         "null\n--model.tokenizer null, and label with RewardModelLabeller(name_or_path="
@@ -314,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *,
+         prog: str = "python -m sail_lightning.build_models") -> int:
     """Run the command; ``argv`` replaces ``sys.argv[1:]`` (tests). Returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     records: list[PreferenceRecord] = []
     for source in args.source or ["ultrafeedback"]:

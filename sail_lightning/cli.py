@@ -21,6 +21,8 @@ commands:
   fit            train (sail-lightning fit -c configs/quickstart.yaml)
   validate       evaluate a checkpoint (... validate -c <config> --ckpt_path <file>)
   serve-reward   host a reward model over HTTP (sail-lightning serve-reward --help)
+  build-models   train BPE tokenizers and build a small policy and reward model offline
+                 (sail-lightning build-models --output models/tiny --train-reward; --help)
 
 Options of a command: `sail-lightning fit --help`; of a callback in the config:
 `sail-lightning fit --trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback`
@@ -98,14 +100,21 @@ def _place_logs(config: Any) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``sail-lightning <command> ...``; ``args`` replaces ``sys.argv`` (tests).
 
-    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) is no Lightning
-    subcommand and has a parser of its own; ``fit`` and ``validate`` are LightningCLI's.
+    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) and
+    ``build-models`` (``sail_lightning.build_models``) are no Lightning subcommands and
+    have parsers of their own; ``fit`` and ``validate`` are LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "serve-reward":
         from sail_lightning.serving import serve_reward  # litserve loads only for the server
 
         serve_reward(argv[1:])
+        return
+    if argv and argv[0] == "build-models":
+        from sail_lightning.build_models import main as build_models
+
+        if rc := build_models(argv[1:], prog="sail-lightning build-models"):
+            raise SystemExit(rc)
         return
     SAILCLI(
         SAILModule,

@@ -15,7 +15,7 @@ import torch
 
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import Labeller
+from sail_lightning.labellers import JudgeLabeller, Labeller
 from sail_lightning.policy_pair import PolicyPair
 
 log = logging.getLogger("sail_lightning.eval")
@@ -27,6 +27,22 @@ def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
     return float(wins.mean())
 
 
+def judged_win_rate(judge: JudgeLabeller, prompts: list[str], responses: list[str],
+                    chosen: list[str], messages: list | None = None) -> dict[str, float]:
+    """A pairwise judge's win rate of ``responses`` against the dataset's ``chosen`` ones
+    (both orders per pair, ties half: ``JudgeLabeller.compare``) and the API usage this
+    cost (its counters' growth, so a judge that also labels keeps its own counts)."""
+    before = judge.stats()
+    outcome = judge.compare(prompts, responses, chosen, messages=messages)
+    used = {k: v - before[k] for k, v in judge.stats().items()}
+    tokens = used["judge_prompt_tokens"] + used["judge_completion_tokens"]
+    return {"val/judge_win_rate": float(outcome.mean()),
+            "val/judge_ties": float((outcome == 0.5).double().mean()),
+            **{f"gen/judge_{k}": float(used[f"judge_{k}"])
+               for k in ("requests", "prompt_tokens", "completion_tokens", "unparsed")},
+            "gen/judge_tokens": float(tokens)}
+
+
 class EvaluationCallback(L.Callback):
     """Greedy responses of the policy (and of the reference) on held-out prompts, judged.
 
@@ -35,10 +51,19 @@ class EvaluationCallback(L.Callback):
     ``val/win_rate_vs_chosen`` (against the dataset's chosen responses), ``val/kl``
     (mean ``log pi(y) - log pi_ref(y)`` over responses sampled from the policy: an unbiased
     estimate of KL(pi || pi_ref)) and ``val/mean_length`` (tokens of the greedy responses).
+    A policy trained without a reference (SFT) gets neither ``win_rate_vs_ref`` nor ``kl``.
+
+    A pairwise judge (``JudgeLabeller``: an LLM behind an OpenAI-compatible API, as the
+    paper judged with GPT-4) has no scores: it compares the greedy responses with the
+    dataset's chosen ones in both orders and logs ``val/judge_win_rate`` (ties half),
+    ``val/judge_ties`` (their share), and what the evaluation cost:
+    ``gen/judge_requests``, ``gen/judge_prompt_tokens``, ``gen/judge_completion_tokens``,
+    ``gen/judge_tokens`` and ``gen/judge_unparsed``.
 
     Args:
-        judge: a scoring labeller (reward model, callable, oracle). Default: the
-            DataModule's ``oracle``; without either, win rates are skipped.
+        judge: a scoring labeller (reward model, callable, oracle) or a pairwise judge
+            (``sail_lightning.labellers.JudgeLabeller``). Default: the DataModule's
+            ``oracle``; without either, win rates are skipped.
         num_prompts: held-out prompts evaluated (the first ones of the validation split).
         max_new_tokens: response length limit.
         every_n_epochs: during fit, evaluate after every this many epochs.
@@ -82,31 +107,35 @@ class EvaluationCallback(L.Callback):
         greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens)
         policy = [s[0] for s in generate_responses(pair.policy, prompt_ids, greedy,
                                                    seed=self.seed, desc="eval", **gen)]
-        with pair.reference_model() as ref:
-            reference = [s[0] for s in generate_responses(ref, prompt_ids, greedy,
-                                                          seed=self.seed, **gen)]
-        sampled = SamplingOptions(num_samples=1, temperature=1.0,
-                                  max_new_tokens=self.max_new_tokens)
-        samples = [s[0] for s in generate_responses(pair.policy, prompt_ids, sampled,
-                                                    seed=self.seed, **gen)]
-        # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the sampled responses.
-        kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
-        pol, ref_lp = pair.pair_logprobs(kl_pairs)
-        metrics = {
-            "val/kl": float((pol[:, 0] - ref_lp[:, 0]).mean()),
-            "val/mean_length": sum(len(r) for r in policy) / len(policy),
-        }
+        metrics = {"val/mean_length": sum(len(r) for r in policy) / len(policy)}
+        reference = None
+        if pair.has_reference:
+            with pair.reference_model() as ref:
+                reference = [s[0] for s in generate_responses(ref, prompt_ids, greedy,
+                                                              seed=self.seed, **gen)]
+            sampled = SamplingOptions(num_samples=1, temperature=1.0,
+                                      max_new_tokens=self.max_new_tokens)
+            samples = [s[0] for s in generate_responses(pair.policy, prompt_ids, sampled,
+                                                        seed=self.seed, **gen)]
+            # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the samples.
+            kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
+            pol, ref_lp = pair.pair_logprobs(kl_pairs)
+            metrics["val/kl"] = float((pol[:, 0] - ref_lp[:, 0]).mean())
         if judge is not None:
             prompts = [r.prompt for r in records]
             messages = [r.messages for r in records]
             texts = [decode(tok, r) for r in policy]
+            chosen = [r.chosen for r in records]
             ours = judge.score(prompts, texts, messages=messages)
             if ours is not None:
-                theirs = judge.score(prompts, [decode(tok, r) for r in reference],
-                                     messages=messages)
-                chosen = judge.score(prompts, [r.chosen for r in records], messages=messages)
+                theirs = chosen_scores = judge.score(prompts, chosen, messages=messages)
                 metrics["val/eval_reward"] = float(ours.mean())
-                metrics["val/win_rate_vs_ref"] = win_rate(ours, theirs)
-                metrics["val/win_rate_vs_chosen"] = win_rate(ours, chosen)
+                metrics["val/win_rate_vs_chosen"] = win_rate(ours, chosen_scores)
+                if reference is not None:
+                    theirs = judge.score(prompts, [decode(tok, r) for r in reference],
+                                         messages=messages)
+                    metrics["val/win_rate_vs_ref"] = win_rate(ours, theirs)
+            elif isinstance(judge, JudgeLabeller):
+                metrics.update(judged_win_rate(judge, prompts, texts, chosen, messages))
         log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
         return metrics

@@ -87,7 +87,10 @@ class MethodSpec:
 
     @property
     def name(self) -> str:
-        """A short name for run folders and logs: ``dpo``, ``sail_pr``, ``sail_dp+sail_pp``..."""
+        """A short name for run folders and logs: ``sft``, ``dpo``, ``sail_pr``,
+        ``sail_dp+sail_pp``..."""
+        if self.loss_type == "sft":
+            return "sft"
         if not self.online:
             offline = "dpo" if self.loss_type == "sigmoid" else self.loss_type
             name = "sail_dp" if self.mix_dp > 0 else offline
@@ -104,6 +107,14 @@ class MethodSpec:
         """Every disagreement between the options, each naming the options involved."""
         out = []
         gen = "PairGenerationCallback"
+        if self.loss_type == "sft" and (self.mix_dp or self.online or self.pair_mode
+                                        or self.bonus_alpha):
+            out.append(f"model.loss_type=sft trains on the chosen responses of offline pairs "
+                       f"alone: set data.mix_dp, data.mix_pp, data.mix_pr and "
+                       f"model.bonus_alpha to 0 and remove {gen} (got mix_dp={self.mix_dp}, "
+                       f"mix_pp={self.mix_pp}, mix_pr={self.mix_pr}, pair_mode="
+                       f"{self.pair_mode!r}, bonus_alpha={self.bonus_alpha})")
+            return out
         if self.online and self.pair_mode is None:
             out.append(f"data.mix_pp={self.mix_pp} / data.mix_pr={self.mix_pr} train on online "
                        f"pairs, which sail_lightning.callbacks.{gen} generates: add it to "

@@ -21,11 +21,13 @@ from sail_lightning.objectives import (
     BONUS_FORMS,
     LOSS_TYPES,
     RESPONSE_TERMS,
+    SFT,
     Route,
     bonus_loss,
     length_normalised,
     preference_metrics,
     sail_loss,
+    sft_loss,
 )
 from sail_lightning.policy_pair import PolicyPair, build_policy_pair
 
@@ -55,7 +57,9 @@ class SAILModule(L.LightningModule):
         torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
-        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge`` or ``ipo``.
+        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge`` or ``ipo``; or ``sft``:
+            supervised fine-tuning on the chosen responses of the offline pairs (loss on
+            response tokens only, ``objectives.sft_loss``), with no reference model built.
         label_smoothing: cDPO / robust DPO epsilon.
         coef_dp: label-term weight on SAIL-DP examples (the paper's rho).
         coef_pp: label- and response-term weight on SAIL-PP examples (pi).
@@ -130,7 +134,8 @@ class SAILModule(L.LightningModule):
             return  # idempotent: Lightning may call it again (e.g. when resuming)
         from sail_lightning.tokenizer import build_tokenizer
 
-        self.pair = build_policy_pair(self.hparams, build_tokenizer(self.hparams.tokenizer))
+        self.pair = build_policy_pair(self.hparams, build_tokenizer(self.hparams.tokenizer),
+                                      with_reference=self.hparams.loss_type != SFT)
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             # FSDP2 under ModelParallelStrategy: shard here, where the model is built.
@@ -181,6 +186,8 @@ class SAILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         hp = self.hparams
+        if hp.loss_type == SFT:
+            return self._sft_step(batch, "train")
         lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
         # The metrics (and their host syncs) only on the steps the logger writes.
@@ -229,8 +236,18 @@ class SAILModule(L.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
+    def _sft_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """SFT: the chosen responses' NLL per token; logged as ``<stage>/loss``."""
+        lp, counts = self.pair.chosen_logprobs(batch)
+        loss = sft_loss(lp, counts)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=lp.shape[0], sync_dist=True)
+        return loss
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         hp = self.hparams
+        if hp.loss_type == SFT:
+            self._sft_step(batch, "val")
+            return
         lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
         lp_c, lp_r, ref_c, ref_r = lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n]
@@ -288,7 +305,7 @@ def _validate(args: dict[str, Any]) -> None:
                          "and model.model_config (a config dict for a fresh model)")
     if args["model_name_or_path"] is None and args["tokenizer"] is None:
         raise ValueError("model.tokenizer is required with model.model_config")
-    checks = [("loss_type", LOSS_TYPES), ("response_term", RESPONSE_TERMS),
+    checks = [("loss_type", (*LOSS_TYPES, SFT)), ("response_term", RESPONSE_TERMS),
               ("baseline", BASELINES), ("scheduler", _SCHEDULERS), ("bonus_form", BONUS_FORMS)]
     for name, allowed in checks:
         if args[name] not in allowed:
@@ -307,6 +324,9 @@ def _validate(args: dict[str, Any]) -> None:
         raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
                          f"model.loss_type=sigmoid or the model.coef_* options to 0 "
                          f"(got loss_type={args['loss_type']!r})")
+    if args["loss_type"] == SFT and args["ref_model_name_or_path"]:
+        raise ValueError("model.loss_type=sft trains without a reference: unset "
+                         "model.ref_model_name_or_path")
     if not 0.0 <= args["warmup_ratio"] < 1.0:
         raise ValueError(f"model.warmup_ratio must be in [0, 1), got {args['warmup_ratio']}")
     resolve_dtype(args["torch_dtype"])

@@ -22,6 +22,9 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 RESPONSE_TERMS = ("score_function", "released_code")
 BASELINES = ("none", "mean")
 BONUS_FORMS = ("selm", "xpo")
+SFT = "sft"
+"""``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
+preference (``sft_loss``); SAIL starts from such a model."""
 
 
 class Route(IntEnum):
@@ -282,6 +285,20 @@ def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, rout
     if bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
     return metrics
+
+
+def sft_loss(logps: Tensor, counts: Tensor) -> Tensor:
+    """Supervised fine-tuning: the mean negative log-likelihood per response token.
+
+    ``L = -sum_i log pi(y_i|x_i) / sum_i |y_i|`` over the batch's responses ``y_i`` (prompt
+    tokens are not predicted: their log-probs are not in ``logps``). Every token weighs the
+    same, so long responses count by their length, as in the usual SFT recipes.
+
+    Args:
+        logps: ``(B,)`` summed log-probs of each response (``sequence_logprobs``).
+        counts: ``(B,)`` response tokens of each.
+    """
+    return -logps.sum() / counts.sum().clamp(min=1)
 
 
 def preference_metrics(

@@ -50,17 +50,22 @@ class PolicyPair(nn.Module):
         reference: a frozen reference model, or None under LoRA (the disabled adapters).
         logprob_chunk_size: response tokens per chunk of the output layer (0: full logits);
             see ``logprobs.concatenated_logprobs``.
+        with_reference: False for a policy trained without one (SFT): no copy is kept, and
+            asking for the reference raises.
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module | None = None, *,
-                 logprob_chunk_size: int = 0) -> None:
+                 logprob_chunk_size: int = 0, with_reference: bool = True) -> None:
         super().__init__()
-        if reference is None and not hasattr(policy, "disable_adapter"):
+        if not with_reference and reference is not None:
+            raise ValueError("a PolicyPair built with_reference=False takes no reference model")
+        if with_reference and reference is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("a PolicyPair without a reference model needs a LoRA (peft) "
                              "policy, whose disabled adapters are the reference")
         self.policy = policy
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
+        self.has_reference = with_reference
         # The reference no longer equals what was built: checkpoints keep it.
         self.reference_updated = False
 
@@ -86,6 +91,9 @@ class PolicyPair(nn.Module):
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
         """The reference as a model, for generation or a forward pass."""
+        if not self.has_reference:
+            raise RuntimeError("this policy is trained without a reference (model.loss_type="
+                               "sft): there is no reference model to use")
         if self.reference is not None:
             yield self.reference
         elif self.has_reference_adapter:
@@ -161,6 +169,16 @@ class PolicyPair(nn.Module):
         else:
             ref, _ = self.reference_logprobs(batch)
         return lp, ref, counts
+
+    def chosen_logprobs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Policy log-probs (with gradient) and lengths of the chosen rows ``[:B]`` of a
+        collated batch alone (SFT): no rejected rows, no reference forward. The rows are
+        right-padded to the batch's longest row, which may be a rejected one: cut to theirs."""
+        n = batch["route"].shape[0]
+        width = int(batch["attention_mask"][:n].sum(-1).max())
+        rows = {k: batch[k][:n, :width] for k in ("input_ids", "attention_mask",
+                                                  "response_mask")}
+        return concatenated_logprobs(self.policy, rows, self.logprob_chunk_size)
 
     @torch.no_grad()
     def pair_logprobs(self, pairs: list[TokenizedPair], *, policy: bool = True,
@@ -293,8 +311,10 @@ def clean_key(name: str) -> str:
     return name
 
 
-def build_policy_pair(options: Mapping[str, Any], tokenizer: Any) -> PolicyPair:
-    """The policy and reference that ``SAILModule``'s model options describe.
+def build_policy_pair(options: Mapping[str, Any], tokenizer: Any, *,
+                      with_reference: bool = True) -> PolicyPair:
+    """The policy and reference that ``SAILModule``'s model options describe (without a
+    reference when ``with_reference`` is False: SFT).
 
     ``options`` holds ``SAILModule``'s arguments (``model_name_or_path``, ``model_config``,
     ``init_seed``, ``ref_model_name_or_path``, ``lora`` (a dict), ``quantization``,
@@ -310,7 +330,9 @@ def build_policy_pair(options: Mapping[str, Any], tokenizer: Any) -> PolicyPair:
     elif options["gradient_checkpointing"]:
         policy.gradient_checkpointing_enable()
     reference = None
-    if options["ref_model_name_or_path"]:
+    if not with_reference:
+        pass  # nothing to copy: SFT trains the policy alone
+    elif options["ref_model_name_or_path"]:
         reference = freeze(build_causal_lm(options["ref_model_name_or_path"], None, tokenizer,
                                            dtype, quantization=quant))
     elif options["lora"] is None:
@@ -320,4 +342,5 @@ def build_policy_pair(options: Mapping[str, Any], tokenizer: Any) -> PolicyPair:
     # from_pretrained returns eval mode, and Lightning keeps submodules' modes: without
     # this, dropout would stay off while training.
     policy.train()
-    return PolicyPair(policy, reference, logprob_chunk_size=options["logprob_chunk_size"])
+    return PolicyPair(policy, reference, logprob_chunk_size=options["logprob_chunk_size"],
+                      with_reference=with_reference)

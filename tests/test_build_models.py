@@ -171,3 +171,19 @@ def test_bad_options_fail_with_the_option_named():
         model_config(None, ModelSpec(arch="gpt2"))
     with pytest.raises(SystemExit):  # argparse names the option and its choices
         main(["--output", "x", "--reward-chat-format", "alpaca"])
+
+
+def test_build_models_is_a_cli_subcommand(tmp_path, capsys):
+    from sail_lightning.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(["build-models", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: sail-lightning build-models" in text and "--train-reward" in text
+    cli(["build-models", "--output", str(tmp_path), "--limit", "40", "--vocab-size", "512",
+         "--max-positions", "128", "--no-reward"])
+    assert "policy:" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "policy").config.vocab_size == len(
+        AutoTokenizer.from_pretrained(tmp_path / "policy"))
+    assert not (tmp_path / "reward").exists()

@@ -62,7 +62,7 @@ def test_stacked_pieces_equal_the_quickstart(capsys):
 
 # Methods that run on the synthetic task (the *_rm ones need a reward model from the hub).
 METHODS = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml") if not p.stem.endswith("_rm"))
-OFFLINE = {"dpo", "ipo", "sail_dp"}
+OFFLINE = {"dpo", "ipo", "sail_dp", "sft"}
 
 
 def test_every_method_of_the_issue_has_a_config():
@@ -79,7 +79,8 @@ def test_method_configs_run_stacked_on_the_quickstart(tmp_path, method):
         args.append("--data.online_pairs=64")  # keep the test small
     main(args)
     rows = metrics(tmp_path)
-    assert column(rows, "val/rewards/accuracies")
+    # SFT has no reference, hence no implicit rewards: its validation is the NLL.
+    assert column(rows, "val/loss" if method == "sft" else "val/rewards/accuracies")
     rounds = column(rows, "gen/round")
     assert rounds == ([] if method in OFFLINE else [0.0, 1.0])
     if method not in OFFLINE:
@@ -132,7 +133,7 @@ def test_top_level_help_says_what_the_tool_is_and_offers_what_works():
     out = subprocess.run([sys.executable, "-m", "sail_lightning", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for text in ("SAIL and the online DPO family", "serve-reward", "{fit,validate}",
+    for text in ("SAIL and the online DPO family", "serve-reward", "build-models", "{fit,validate}",
                  "--trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback"):
         assert text in out.stdout, text
     for gone in ("test", "predict"):  # no test_step / forward: refused, not offered

@@ -68,3 +68,50 @@ def test_validate_command_reports_the_evaluation(tmp_path):
     for key in ("val/eval_reward", "val/win_rate_vs_ref", "val/win_rate_vs_chosen", "val/kl",
                 "val/mean_length", "val/rewards/accuracies", "val/rewards/margins"):
         assert key in keys, key
+
+
+@pytest.fixture(scope="module")
+def judge_url(tmp_path_factory):
+    from tests.servers import free_port, running
+
+    port = free_port()
+    with running(["-m", "tests.judge_server", "--port", str(port)], port,
+                 tmp_path_factory.mktemp("logs") / "judge_server.log"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+def test_a_pairwise_judge_gives_the_win_rate_against_chosen(judge_url):
+    """A JudgeLabeller behind the OpenAI chat-completions protocol (the scripted judge on
+    127.0.0.1 prefers the response with more words) judges an SFT policy, which has no
+    reference: the win rate and the tokens are recomputed here from the same texts."""
+    from sail_lightning.labellers import JudgeLabeller
+    from sail_lightning.labellers.judge import DEFAULT_TEMPLATE, render_prompt
+
+    dm, m = datamodule(num_synthetic_pairs=200, val_fraction=0.2), module(loss_type="sft")
+    judge = JudgeLabeller("scripted", base_url=judge_url, require_api_key=False, timeout=10,
+                          max_retries=0)
+    judge.compare(["warm-up"], ["a b"], ["a"])  # counters the evaluation must not report
+    metrics = EvaluationCallback(judge=judge, num_prompts=12, max_new_tokens=8).evaluate(dm,
+                                                                                      m.pair)
+    tok, records = dm.tokenizer, dm.val_records[:12]
+    greedy = generate_responses(m.pair.policy, [p.prompt_ids for p in dm.val_pairs[:12]],
+                                SamplingOptions(num_samples=1, greedy=True, max_new_tokens=8),
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                seed=0, progress=False)
+    ours = [decode(tok, g[0]) for g in greedy]
+    words = [(len(a.split()), len(r.chosen.split())) for a, r in zip(ours, records, strict=True)]
+    outcome = [1.0 if a > c else 0.0 if a < c else 0.5 for a, c in words]
+    assert metrics["val/judge_win_rate"] == pytest.approx(sum(outcome) / 12)
+    assert metrics["val/judge_ties"] == pytest.approx(outcome.count(0.5) / 12)
+    shown = [(render_prompt(r.prompt, r.messages), a, r.chosen)
+             for a, r in zip(ours, records, strict=True)]
+    prompt_words = sum(len(DEFAULT_TEMPLATE.format(prompt=p, response_a=x, response_b=y).split())
+                       + len(DEFAULT_TEMPLATE.format(prompt=p, response_a=y, response_b=x).split())
+                       for p, x, y in shown)
+    assert metrics["gen/judge_requests"] == 24  # both orders
+    assert metrics["gen/judge_prompt_tokens"] == prompt_words  # the server counts words
+    assert metrics["gen/judge_tokens"] == (metrics["gen/judge_prompt_tokens"]
+                                           + metrics["gen/judge_completion_tokens"])
+    assert metrics["gen/judge_unparsed"] == 0
+    assert "val/kl" not in metrics and "val/win_rate_vs_ref" not in metrics  # no reference
+    assert len(set(outcome)) > 1  # wins and losses: the outcome is not a constant

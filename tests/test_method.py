@@ -69,7 +69,8 @@ def test_every_shipped_method_config_agrees_and_is_named_after_itself():
         names[stem] = s.name
     assert names == {"dpo": "dpo", "ipo": "ipo", "sail_dp": "sail_dp", "sail_pp": "sail_pp",
                      "sail_pr": "sail_pr", "sail_pr_rm": "sail_pr", "online_dpo": "online_dpo",
-                     "iterative_dpo": "iterative_dpo", "selm": "selm", "xpo": "xpo"}
+                     "iterative_dpo": "iterative_dpo", "selm": "selm", "xpo": "xpo",
+                     "sft": "sft"}
 
 
 def test_special_cases_and_mixtures_are_named():

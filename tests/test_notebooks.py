@@ -56,8 +56,9 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_there_are_the_two_notebooks():
-    assert ALL == ["01_small_model_sail.ipynb", "02_compare_methods.ipynb"]
+def test_there_are_the_three_notebooks():
+    assert ALL == ["01_small_model_sail.ipynb", "02_compare_methods.ipynb",
+                   "03_real_text.ipynb"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -151,3 +152,17 @@ def test_compare_methods_notebook_explains_when_it_has_nothing_to_show(tmp_path,
     text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
     assert "blocked by the test" in text and "benchmarks/compare_methods.py" in text
     assert images(nb) == 0 and not list((tmp_path / "out").glob("*.png"))
+
+
+def test_real_text_notebook(tmp_path, monkeypatch):
+    """The documented real-text commands on a small budget: models built, SFT, SAIL-PR
+    labelled by the reward model; curves, histograms and pairs shown."""
+    nb = execute("03_real_text.ipynb", tmp_path, monkeypatch)
+    for name in ("sft_curves.png", "sail_pr_curves.png", "reward_histograms.png"):
+        assert_png(tmp_path / name)
+    assert images(nb) >= 3
+    assert (tmp_path / "models/tiny/sail_pr/config.json").exists()
+    rounds = sorted(tmp_path.glob("runs/real_text/sail_pr/version_0/rounds/round_*.jsonl"))
+    assert len(rounds) == 2
+    text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+    assert "score(chosen)" in text and "<|im_start|>" in text  # the pairs, the chatml template

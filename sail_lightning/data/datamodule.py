@@ -17,9 +17,9 @@ from sail_lightning.data.loaders import (
     ResumableDataLoader,
 )
 from sail_lightning.data.mixture import (
-    OFFLINE,
     EpochCounts,
     RoundPlan,
+    bucket_by_length,
     check_epoch_scaling,
     epoch_counts,
     plan_epoch,
@@ -38,6 +38,7 @@ from sail_lightning.data.tokenize import (
     PreferenceCollator,
     TokenizedPair,
     check_unk_rate,
+    padded_length,
     tokenize_and_filter,
 )
 from sail_lightning.labellers import Labeller
@@ -71,6 +72,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: prompts keep their last this many tokens.
         max_response_length: responses keep their first this many tokens (eos included).
         batch_size: pairs per training batch (per device).
+        length_buckets: 0 (off) or k: batches of similar length, sorted within windows of k
+            batches of the shuffled epoch (``data.mixture.bucket_by_length``); less padding.
         eval_batch_size: pairs per validation batch (defaults to ``batch_size``).
         mix_dp: fraction of each epoch's examples that are offline pairs relabelled by the
             policy (SAIL-DP, the paper's r).
@@ -116,6 +119,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: int = 256,
         max_response_length: int = 256,
         batch_size: int = 8,
+        length_buckets: int = 0,
         eval_batch_size: int | None = None,
         mix_dp: float = 0.0,
         mix_pp: float = 0.0,
@@ -268,17 +272,12 @@ class PreferenceDataModule(L.LightningDataModule):
         hp, pool = self.hparams, self.pool
         plan = plan_epoch(self.epoch_counts(), [p.route for p in pool.pairs], mix_dp=hp.mix_dp,
                           seed=hp.seed, epoch=epoch, round_index=pool.current_round)
-        items = []
-        for kind, i, route in plan:
-            if kind != OFFLINE:
-                items.append(pool.pairs[i].pair.example(route))
-                continue
-            pair = self.train_pairs[i]
-            if pool.offline_ref is not None:
-                ref = pool.offline_ref[i].tolist()
-                pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
-                                     ref[0], ref[1])
-            items.append(pair.example(route))
+        items = pool.examples(plan, self.train_pairs)
+        if hp.length_buckets:  # batches of similar length: less padding
+            world = self.trainer.world_size if getattr(self, "trainer", None) else 1
+            items = [items[i] for i in bucket_by_length(
+                [padded_length(x) for x in items], hp.batch_size * world, hp.length_buckets,
+                seed=hp.seed, epoch=epoch)]
         return items
 
     def plan_round(self, round_index: int, prompts_per_round: int | None = None) -> RoundPlan:
@@ -361,6 +360,8 @@ def _validate(args: dict) -> None:
                          "(training on online pairs alone)")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if args["length_buckets"] < 0:
+        raise ValueError(f"data.length_buckets must be >= 0, got {args['length_buckets']}")
     for name in ("max_prompt_length", "max_response_length", "batch_size"):
         if args[name] < 1:
             raise ValueError(f"data.{name} must be >= 1, got {args[name]}")

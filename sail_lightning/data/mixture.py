@@ -197,3 +197,35 @@ def plan_round(counts: EpochCounts, prompts: list[str], *, seed: int, round_inde
     indices = [distinct[k % len(distinct)] for k in range(n)]
     n_pp = round(n * counts.pp / max(1, counts.online))
     return RoundPlan(round_index, indices, [int(Route.PP)] * n_pp + [int(Route.PR)] * (n - n_pp))
+
+
+def bucket_by_length(lengths: list[int], batch_size: int, buckets: int, *, seed: int,
+                     epoch: int) -> list[int]:
+    """An order of an epoch's examples in which each batch holds examples of similar length,
+    so that padding to the batch's longest costs less.
+
+    The examples, in their (shuffled) epoch order, are cut into windows of
+    ``buckets * batch_size``; each window is sorted by length and cut into batches; the full
+    batches are then shuffled by ``(seed, epoch)``, so the lengths do not grow through the
+    epoch, and a short last batch stays last (the loader cuts batches in order). A pure
+    function of its arguments: every rank and a resumed run get the same order.
+
+    Args:
+        lengths: each example's padded length (its longest row).
+        batch_size: examples per batch (the global batch under DDP).
+        buckets: batches per window; more: less padding, less randomness within batches.
+        seed, epoch: the shuffle of the batches.
+
+    Returns:
+        A permutation of ``range(len(lengths))``.
+    """
+    window = batch_size * buckets
+    batches = []
+    for start in range(0, len(lengths), window):
+        # Ties keep the epoch order: the sort is stable.
+        chunk = sorted(range(start, min(start + window, len(lengths))), key=lengths.__getitem__)
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    last = batches.pop() if batches and len(batches[-1]) < batch_size else []
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 900_007)
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [i for b in order for i in batches[b]] + last

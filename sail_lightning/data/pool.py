@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sail_lightning.data.mixture import OFFLINE
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.objectives import Route
 
@@ -161,6 +162,24 @@ class OnlinePool:
         """Reference log-probs ``(n_offline, 2)`` of the offline pairs (chosen, rejected), or
         None when they must be computed again (after a reference update or a restore)."""
         self.offline_ref = logprobs
+
+    def examples(self, plan: list[tuple[str, int, int]], offline: list[TokenizedPair]
+                 ) -> list[dict]:
+        """The examples of an epoch plan (``data.mixture.plan_epoch``): ``(kind, i, route)``
+        names offline pair ``i`` of ``offline`` (with its cached reference log-probs when the
+        pool holds them) or pair ``i`` of the latest round."""
+        items = []
+        for kind, i, route in plan:
+            if kind != OFFLINE:
+                items.append(self.pairs[i].pair.example(route))
+                continue
+            pair = offline[i]
+            if self.offline_ref is not None:
+                ref = self.offline_ref[i].tolist()
+                pair = TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                     ref[0], ref[1])
+            items.append(pair.example(route))
+        return items
 
     def state_dict(self) -> dict:
         return {"rounds": list(self.rounds)}

@@ -181,6 +181,13 @@ def check_unk_rate(
     return rate
 
 
+def padded_length(example: dict) -> int:
+    """The longest row of an example (``TokenizedPair.example``) as the collator lays it out:
+    prompt plus its longest response (the batch is padded to its longest row)."""
+    responses = (example.get(k) or [] for k in ("chosen_ids", "rejected_ids", "bonus_ids"))
+    return len(example["prompt_ids"]) + max(len(r) for r in responses)
+
+
 class PreferenceCollator:
     """Pads a list of examples into one batch with chosen and rejected stacked.
 

@@ -62,7 +62,7 @@ class NoGuard:
         if self.sync_check and not torch.isfinite(loss):
             raise FloatingPointError("non-finite loss")
 
-    def before_optimizer_step(self, *args) -> None:
+    def before_optimizer_step(self, *args, **kw) -> None:
         pass
 
     def check(self, **kw) -> None:

@@ -37,10 +37,9 @@ from typing import Any
 
 import torch
 
-try:
-    import sail_lightning  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The checkout this script is in, first: its sail_lightning and benchmarks package are the
+# ones measured, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SEED = 0
 LR = 1e-3  # both sides; a tiny random-init model (as in configs/quickstart.yaml)
@@ -65,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours: prompts per generate() call and sequences per scoring forward "
                         "(configs/method/sail_pr.yaml uses 128)")
     p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of both models")
+    p.add_argument("--grid", action="store_true",
+                   help="the grid of benchmarks/round_grid.py (model size x max_new_tokens), "
+                        "one run per point; writes results/online_round_grid.{json,md}")
     # One thread by default: these models are too small for intra-op parallelism to pay,
     # and on a shared machine a second thread that waits for a busy core slows every op.
     p.add_argument("--threads", type=int, default=1,
@@ -76,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs is None:
         args.pairs = QUICK_PAIRS if args.quick else 1024
     for name in ("pairs", "max_new_tokens", "batch_size", "gen_batch_size", "hidden_size",
-                 "threads"):
+                 "layers", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -96,7 +99,8 @@ def _quiet() -> None:
 # -- shared models and prompts -------------------------------------------------------------
 
 
-def build_models(root: str, hidden_size: int, max_new_tokens: int) -> tuple[str, str]:
+def build_models(root: str, hidden_size: int, max_new_tokens: int, layers: int = 2
+                 ) -> tuple[str, str]:
     """Saves the initial policy and the reward model (each with the synthetic tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
 
@@ -105,7 +109,7 @@ def build_models(root: str, hidden_size: int, max_new_tokens: int) -> tuple[str,
 
     tok = build_tokenizer("synthetic")
     longest = SyntheticTask().max_prompt_len + 2  # bos, symbols, "="
-    config = tiny_llama_config(tok, hidden_size=hidden_size,
+    config = tiny_llama_config(tok, hidden_size=hidden_size, num_hidden_layers=layers,
                                max_position_embeddings=max(64, longest + max_new_tokens + 8))
     policy_dir, reward_dir = os.path.join(root, "policy"), os.path.join(root, "reward")
     torch.manual_seed(SEED)
@@ -212,6 +216,8 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
         "round_seconds": round_s,
         "generation_seconds": m["gen/seconds"],
         "label_seconds": m["gen/label_seconds"],
+        "reference_seconds": m["gen/reference_seconds"],
+        "write_seconds": m["gen/write_seconds"],
         "train_epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
         # Trainer setup (model load, data, optimizer) and teardown: what the fit adds.
         "fit_overhead_seconds": (t1 - t_fit) - round_s
@@ -313,16 +319,22 @@ def _versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.grid:
+        from benchmarks.round_grid import run_grid
+
+        return run_grid(args, main)
     _quiet()
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"speedup_vs_trl": None, "generation_share": None,
                            "ours_seconds": None, "trl_seconds": None, "pairs": args.pairs,
                            "max_new_tokens": args.max_new_tokens,
                            "batch_size": args.batch_size, "gen_batch_size": args.gen_batch_size,
-                           "hidden_size": args.hidden_size, "threads": args.threads,
+                           "hidden_size": args.hidden_size, "layers": args.layers,
+                           "threads": args.threads,
                            "quick": args.quick, "versions": _versions()}
     with tempfile.TemporaryDirectory(prefix="sail_bench_") as root:
-        policy_dir, reward_dir = build_models(root, args.hidden_size, args.max_new_tokens)
+        policy_dir, reward_dir = build_models(root, args.hidden_size, args.max_new_tokens,
+                                              args.layers)
         prompts = round_prompts(args.pairs, args.batch_size)
         warm = prompts[: args.batch_size]
 

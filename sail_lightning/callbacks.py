@@ -52,7 +52,8 @@ class PairGenerationCallback(L.Callback):
             Bradley-Terry oracle).
         sampling: how responses are sampled from the policy.
         pair_mode: ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO),
-            ``selm`` or ``xpo``.
+            ``selm``, ``xpo``, ``spin`` (demonstration vs policy sample, no labeller) or
+            ``sppo`` (``num_samples >= 2``, win probabilities from the labeller's scores).
         prompts_per_round: prompts sampled per round; default: the online pairs one epoch
             trains on (``data.mix_pp``, ``data.mix_pr``).
         every_n_epochs: regenerate every this many epochs.
@@ -87,6 +88,9 @@ class PairGenerationCallback(L.Callback):
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
+        if pair_mode == "sppo" and self.sampling.num_samples < 2:
+            raise ValueError("pair_mode=sppo estimates win probabilities among samples: "
+                             f"sampling.num_samples must be >= 2, got {self.sampling.num_samples}")
         self.pair_mode = pair_mode
         self.prompts_per_round = prompts_per_round
         self.every_n_epochs = every_n_epochs

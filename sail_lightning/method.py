@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo")
+PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo", "spin", "sppo")
 _MODEL_FIELDS = ("coef_dp", "coef_pp", "coef_pr", "loss_type", "bonus_alpha", "bonus_form")
 _DATA_FIELDS = ("mix_dp", "mix_pp", "mix_pr")
 
@@ -95,7 +95,8 @@ class MethodSpec:
             offline = "dpo" if self.loss_type == "sigmoid" else self.loss_type
             name = "sail_dp" if self.mix_dp > 0 else offline
             return f"{name}_ref_updates" if self.update_reference else name
-        by_mode = {"selm": "selm", "xpo": "xpo", "best_worst": "iterative_dpo"}
+        by_mode = {"selm": "selm", "xpo": "xpo", "best_worst": "iterative_dpo", "spin": "spin",
+                   "sppo": "sppo"}
         if self.pair_mode in by_mode:
             return by_mode[self.pair_mode]
         parts = [name for name, on in (("sail_dp", self.mix_dp > 0), ("sail_pp", self.mix_pp > 0),
@@ -139,11 +140,21 @@ class MethodSpec:
                     out.append(f"model.coef_{route}={coef}: the response term is derived for "
                                f"two samples of the policy per prompt, "
                                f"{gen}.pair_mode=two_samples (got {self.pair_mode!r})")
-        if self.mix_pr > 0 and self.pair_mode is not None and self.labeller is None:
+        if (self.loss_type == "sppo") != (self.pair_mode == "sppo"):
+            out.append(f"model.loss_type={self.loss_type!r} with {gen}.pair_mode="
+                       f"{self.pair_mode!r}: SPPO's squared loss regresses on the win "
+                       "probabilities that only pair_mode=sppo estimates; use both or neither")
+        if self.loss_type == "sppo" and (self.mix_dp > 0 or self.mix_pp > 0):
+            out.append(f"model.loss_type='sppo' with data.mix_dp={self.mix_dp} / data.mix_pp="
+                       f"{self.mix_pp}: SPPO trains on its own pairs (data.mix_pr) alone")
+        if self.pair_mode == "spin" and self.mix_pr > 0 and self.loss_type != "sigmoid":
+            out.append(f"{gen}.pair_mode=spin trains SPIN's logistic loss: model.loss_type="
+                       f"sigmoid (got {self.loss_type!r})")
+        if self.mix_pr > 0 and self.pair_mode not in (None, "spin") and self.labeller is None:
             out.append(f"data.mix_pr={self.mix_pr}: online pairs need a labeller: set "
                        f"{gen}.labeller (a reward model, judge, ranker or callable) or "
                        "data.oracle (the task's ground truth)")
-        if self.pair_mode in ("best_worst", "selm") and self.labeller is not None \
+        if self.pair_mode in ("best_worst", "selm", "sppo") and self.labeller is not None \
                 and not self.labeller_scores:
             out.append(f"{gen}.pair_mode={self.pair_mode} ranks candidates by score, and "
                        f"{self.labeller} has none: use a scoring labeller")

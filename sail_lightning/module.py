@@ -57,9 +57,10 @@ class SAILModule(L.LightningModule):
         torch_dtype: ``float32``, ``bfloat16`` or ``float16`` weights (default: as saved).
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
-        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge`` or ``ipo``; or ``sft``:
-            supervised fine-tuning on the chosen responses of the offline pairs (loss on
-            response tokens only, ``objectives.sft_loss``), with no reference model built.
+        loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge``, ``ipo`` or ``sppo`` (SPPO's
+            squared loss on the win probabilities its pairs carry, ``objectives_selfplay``); or
+            ``sft``: supervised fine-tuning on the chosen responses of the offline pairs (loss
+            on response tokens only, ``objectives.sft_loss``), with no reference model built.
         label_smoothing: cDPO / robust DPO epsilon.
         coef_dp: label-term weight on SAIL-DP examples (the paper's rho).
         coef_pp: label- and response-term weight on SAIL-PP examples (pi).
@@ -199,6 +200,7 @@ class SAILModule(L.LightningModule):
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=self._label_generator(batch_idx),
             loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
+            win_chosen=batch.get("win_chosen"), win_rejected=batch.get("win_rejected"),
             routes=batch.get("routes_present"))
         if "bonus_mask" in batch and hp.bonus_alpha:
             bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],

@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+# The exploration bonuses live in their own file; re-exported here, where callers find the
+# other objectives.
+from sail_lightning.objectives_bonus import BONUS_FORMS, bonus_loss, exploration_bonus  # noqa: F401
+from sail_lightning.objectives_selfplay import sppo_loss
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sppo")
 RESPONSE_TERMS = ("score_function", "released_code")
 BASELINES = ("none", "mean")
-BONUS_FORMS = ("selm", "xpo")
 SFT = "sft"
 """``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
 preference (``sft_loss``); SAIL starts from such a model."""
@@ -82,12 +86,17 @@ def dpo_loss(
     - ``hinge``: ``relu(1 - beta h)``
     - ``ipo``: ``(h - 1/(2 beta))^2``. IPO is defined on length-averaged log-probs: callers
       pass per-token means, not sums; this function uses whatever it is given.
+    - ``sppo``: needs each pair's win probabilities: ``objectives_selfplay.sppo_loss``
+      (through :func:`sail_loss`'s ``win_chosen`` / ``win_rejected``).
 
     Returns:
         Tensor of shape ``(B,)``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "sppo":
+        raise ValueError("loss_type='sppo' regresses on win probabilities: use "
+                         "objectives_selfplay.sppo_loss or sail_loss(..., win_chosen=...)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta <= 0:
@@ -146,6 +155,8 @@ def sail_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     metrics: bool = True,
+    win_chosen: Tensor | None = None,
+    win_rejected: Tensor | None = None,
     routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
@@ -187,6 +198,8 @@ def sail_loss(
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
+        win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
+            (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
         routes: the routes present in the batch (``PreferenceCollator`` records them as
             ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
             None reads them from ``route`` (a host sync per check). Giving a set that
@@ -215,56 +228,85 @@ def sail_loss(
     is_dp = route == Route.DP
 
     # SAIL-DP: resample the dataset label from the policy's own Bradley-Terry model.
-    flip = torch.zeros_like(is_dp)
+    flip = None
+    c_lp, r_lp, c_ref, r_ref = lp_c, lp_r, rlp_c, rlp_r
     if _present(routes, route, Route.DP):
         h0 = margin(lp_c, lp_r, rlp_c, rlp_r)
         p_flip = 1 - self_label_probability(h0, beta=beta)
         draws = torch.bernoulli(p_flip, generator=generator).to(h0.device)
         flip = is_dp & draws.bool()
-    # Swapping chosen and rejected is exactly h -> -h, and keeps dpo_loss's forms valid.
-    c_lp = torch.where(flip, lp_r, lp_c)
-    r_lp = torch.where(flip, lp_c, lp_r)
-    c_ref = torch.where(flip, rlp_r, rlp_c)
-    r_ref = torch.where(flip, rlp_c, rlp_r)
+        # Swapping chosen and rejected is exactly h -> -h, and keeps dpo_loss's forms valid.
+        c_lp = torch.where(flip, lp_r, lp_c)
+        r_lp = torch.where(flip, lp_c, lp_r)
+        c_ref = torch.where(flip, rlp_r, rlp_c)
+        r_ref = torch.where(flip, rlp_c, rlp_r)
 
-    base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
-                    label_smoothing=label_smoothing)
-    ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
-
-    c_label = _per_route(route, coef_dp, coef_pp, 0.0, ell.dtype)
-    label_term = (-0.5 * c_label * ell**2).sum() / n
-
-    c_resp = _per_route(route, 0.0, coef_pp, coef_pr, ell.dtype)
-    if response_term == "score_function":
-        ell_d = ell.detach()
-        b = torch.zeros_like(ell_d)
-        has_resp = (route == Route.PP) | (route == Route.PR)
-        if baseline == "mean" and _present(routes, route, Route.PP, Route.PR):
-            # A masked mean, not ell_d[has_resp]: boolean indexing is a host sync.
-            b = (torch.where(has_resp, ell_d, 0.0).sum() / has_resp.sum()).expand_as(ell_d)
-        response = (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
+    if loss_type == "sppo":
+        base = sppo_loss(c_lp, r_lp, c_ref, r_ref, win_chosen, win_rejected, beta=beta)
     else:
-        # Rows without a response coefficient are masked out before dividing: a log-prob of
-        # exactly 0 (a confident one-token response) would otherwise give 0 * inf = NaN.
-        on = c_resp > 0
-        one = torch.ones_like(lp_c)
-        hook_c = (ell / torch.where(on, lp_c, one)).detach() * lp_c
-        hook_r = (ell / torch.where(on, lp_r, one)).detach() * lp_r
-        terms = torch.where(on, -c_resp * hook_c - c_resp * hook_r, torch.zeros_like(hook_c))
-        response = grad_accum * terms.sum()
-
+        base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
+                        label_smoothing=label_smoothing)
     dpo_term = base.mean()
-    loss = dpo_term + label_term + response
+    # A term whose coefficient is 0 on every route of the batch adds exactly 0 to the loss
+    # and its gradient: it is skipped (with the routes known, a batch without DP/PP/PR rows
+    # is DPO's step, op for op). Unknown routes (None) skip only zero coefficients.
+    label_on = _may_apply(routes, coef_dp, Route.DP) or _may_apply(routes, coef_pp, Route.PP)
+    response_on = _may_apply(routes, coef_pp, Route.PP) or _may_apply(routes, coef_pr, Route.PR)
+    loss = dpo_term
+    ell = c_label = label_term = response = None
+    if label_on or response_on or metrics:
+        ell = F.logsigmoid(beta * margin(c_lp, r_lp, c_ref, r_ref))
+    if label_on:
+        c_label = _per_route(route, coef_dp, coef_pp, 0.0, ell.dtype)
+        label_term = (-0.5 * c_label * ell**2).sum() / n
+        loss = loss + label_term
+    if response_on:
+        response = _response_term(lp_c, lp_r, ell, route, routes, coef_pp, coef_pr,
+                                  response_term, baseline, grad_accum)
+        loss = loss + response
 
     if not metrics:
         return loss, {}
     with torch.no_grad():
+        zero = torch.zeros((), dtype=ell.dtype, device=ell.device)
+        c_label = torch.zeros_like(ell) if c_label is None else c_label
         return loss, _sail_metrics(lp_c, lp_r, rlp_c, rlp_r, route, flip, base, ell, c_label,
-                                   dpo_term, label_term, response, beta=beta)
+                                   dpo_term, zero if label_term is None else label_term,
+                                   zero if response is None else response, beta=beta)
+
+
+def _may_apply(routes: Collection[int] | None, coef: float, route: Route) -> bool:
+    """Whether a term of coefficient ``coef`` on ``route`` can be non-zero in the batch."""
+    return bool(coef) and (routes is None or int(route) in routes)
+
+
+def _response_term(lp_c: Tensor, lp_r: Tensor, ell: Tensor, route: Tensor,
+                   routes: Collection[int] | None, coef_pp: float, coef_pr: float,
+                   response_term: str, baseline: str, grad_accum: int) -> Tensor:
+    """:func:`sail_loss`'s response term (its docstring has both forms)."""
+    n = lp_c.shape[0]
+    c_resp = _per_route(route, 0.0, coef_pp, coef_pr, ell.dtype)
+    if response_term == "score_function":
+        ell_d = ell.detach()
+        b = torch.zeros_like(ell_d)
+        if baseline == "mean" and _present(routes, route, Route.PP, Route.PR):
+            has_resp = (route == Route.PP) | (route == Route.PR)
+            # A masked mean, not ell_d[has_resp]: boolean indexing is a host sync.
+            b = (torch.where(has_resp, ell_d, 0.0).sum() / has_resp.sum()).expand_as(ell_d)
+        return (-c_resp * (ell_d - b) * (lp_c + lp_r)).sum() / n
+    # Rows without a response coefficient are masked out before dividing: a log-prob of
+    # exactly 0 (a confident one-token response) would otherwise give 0 * inf = NaN.
+    on = c_resp > 0
+    one = torch.ones_like(lp_c)
+    hook_c = (ell / torch.where(on, lp_c, one)).detach() * lp_c
+    hook_r = (ell / torch.where(on, lp_r, one)).detach() * lp_r
+    terms = torch.where(on, -c_resp * hook_c - c_resp * hook_r, torch.zeros_like(hook_c))
+    return grad_accum * terms.sum()
 
 
 def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, route: Tensor,
-                  flip: Tensor, base: Tensor, ell: Tensor, c_label: Tensor, dpo_term: Tensor,
+                  flip: Tensor | None, base: Tensor, ell: Tensor, c_label: Tensor,
+                  dpo_term: Tensor,
                   label_term: Tensor, response: Tensor, *, beta: float) -> dict[str, Tensor]:
     """:func:`sail_loss`'s metrics, from the pieces of its loss (all detached)."""
     n = lp_c.shape[0]
@@ -282,7 +324,7 @@ def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, rout
             if r in (Route.DP, Route.PP):
                 metrics[f"loss/label_{name}"] = label_rows[mask].sum() / n
     is_dp = route == Route.DP
-    if bool(is_dp.any()):
+    if flip is not None and bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
     return metrics
 
@@ -327,41 +369,3 @@ def preference_metrics(
             "logps/chosen": policy_chosen_logps.detach().mean(),
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
-
-
-def bonus_loss(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    mask: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    form: str = "selm",
-) -> Tensor:
-    """The exploration bonus of a batch: :func:`exploration_bonus` summed over the examples
-    that carry a bonus response (``mask``) and divided by the batch size, as the other terms
-    are averaged over the whole batch."""
-    bonus = exploration_bonus(policy_logps, ref_logps, alpha=alpha, beta=beta, form=form)
-    return (bonus * mask.to(bonus.dtype)).sum() / mask.shape[0]
-
-
-def exploration_bonus(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    form: str = "selm",
-) -> Tensor:
-    """Optimism bonus added to the loss, per example.
-
-    - ``selm`` (SELM): ``alpha * beta * (log pi_theta(y_ref) - log pi_ref(y_ref))``
-    - ``xpo`` (XPO): ``alpha * log pi_theta(y~)``, ``y~`` sampled from the reference.
-
-    Both have the same gradient when ``alpha_xpo = alpha_selm * beta``.
-    """
-    if form == "selm":
-        return alpha * beta * (policy_logps - ref_logps)
-    if form == "xpo":
-        return alpha * policy_logps
-    raise ValueError(f"form must be one of {BONUS_FORMS}, got {form!r}")

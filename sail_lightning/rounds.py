@@ -10,6 +10,11 @@ Pair modes (the methods differ here, not in the training step):
   responses; best and worst form the pair; the reference sample carries SELM's bonus.
 - ``xpo``: a policy sample against a reference sample, labelled by the labeller; the
   reference sample carries XPO's bonus.
+- ``spin``: the dataset's demonstration (its chosen response) against one policy sample,
+  which is always rejected; no labeller (SPIN, ``objectives_selfplay``).
+- ``sppo``: ``num_samples`` policy samples per prompt, each one's win probability against
+  the others estimated from the labeller's scores; the highest and lowest form the pair
+  and carry their estimates (SPPO, ``objectives_selfplay``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import Labeller, PolicyLabeller
 from sail_lightning.objectives import Route
+from sail_lightning.objectives_selfplay import win_probabilities
 from sail_lightning.policy_pair import PolicyPair
 
 
@@ -52,8 +58,11 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
     gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
            "progress": progress, "synced_gpus": synced_gpus}
     t0 = time.perf_counter()
-    if pair_mode in ("two_samples", "best_worst"):
+    if pair_mode in ("two_samples", "best_worst", "sppo"):
         samples = generate_responses(pair.policy, prompt_ids, sampling, seed=seed, **gen)
+    elif pair_mode == "spin":
+        samples = generate_responses(pair.policy, prompt_ids, replace(sampling, num_samples=1),
+                                     seed=seed, **gen)
     elif pair_mode == "selm":
         greedy = replace(sampling, num_samples=1, greedy=True)
         with pair.reference_model() as ref:
@@ -105,6 +114,13 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
             label_names.append("a" if a_pref[k] else "b")
             scores.append(None if score_a is None or routes[k] != Route.PR else
                           _ordered(float(score_a[k]), float(score_b[k]), bool(a_pref[k])))
+    elif pair_mode == "spin":
+        for k, o in enumerate(offline):
+            selected.append(_pair(prompt_ids[k], o.chosen_ids, samples[k][0], None))
+            # The demonstration as trained on: decoded from its (maybe truncated) tokens.
+            pair_texts.append((decode(tok, o.chosen_ids), texts[k][0]))
+            label_names.append("demonstration")
+            scores.append(None)
     else:
         if labeller is None:
             raise ValueError(f"pair_mode={pair_mode!r} ranks candidates: set a scoring labeller")
@@ -123,9 +139,13 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
         for k, cands in enumerate(cands_ids):
             s = flat[start : start + len(cands)]
             start += len(cands)
-            best, worst = int(torch.argmax(s)), int(torch.argmin(s))
+            rank = win_probabilities(s[None].double())[0] if pair_mode == "sppo" else s
+            best, worst = int(torch.argmax(rank)), int(torch.argmin(rank))
             bonus = samples[k][0] if pair_mode == "selm" else None
             selected.append(_pair(prompt_ids[k], cands[best], cands[worst], bonus))
+            if pair_mode == "sppo":
+                selected[-1] = replace(selected[-1], win_chosen=float(rank[best]),
+                                       win_rejected=float(rank[worst]))
             # A policy sample's text is the one decoded above; a dataset response (selm) is
             # decoded from its tokens, which may be truncated, not taken from its record.
             pair_texts.append(tuple(texts[k][i] if i < len(texts[k]) else decode(tok, cands[i])

@@ -115,3 +115,24 @@ def test_a_pairwise_judge_gives_the_win_rate_against_chosen(judge_url):
     assert metrics["gen/judge_unparsed"] == 0
     assert "val/kl" not in metrics and "val/win_rate_vs_ref" not in metrics  # no reference
     assert len(set(outcome)) > 1  # wins and losses: the outcome is not a constant
+
+
+def test_the_judge_from_yaml_logs_its_win_rate_and_tokens(judge_url, tmp_path):
+    """EvaluationCallback's judge named in YAML, as docs/real_text.md shows it."""
+    import yaml
+
+    judge = {"class_path": "sail_lightning.labellers.JudgeLabeller",
+             "init_args": {"model": "scripted", "base_url": judge_url, "require_api_key": False,
+                           "max_retries": 0, "timeout": 10}}
+    overlay = tmp_path / "judge.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "sail_lightning.evaluation.EvaluationCallback",
+        "init_args": {"num_prompts": 6, "max_new_tokens": 6, "judge": judge}}]}}))
+    main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "-c", str(CONFIGS / "method" / "sft.yaml"),
+          "-c", str(overlay), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false", "--data.num_synthetic_pairs=200"])
+    (path,) = tmp_path.glob("sft/version_0/metrics.csv")
+    (row,) = [r for r in csv.DictReader(path.open()) if r.get("val/judge_win_rate")]
+    assert 0.0 <= float(row["val/judge_win_rate"]) <= 1.0
+    assert float(row["gen/judge_requests"]) == 12 and float(row["gen/judge_tokens"]) > 0

@@ -86,7 +86,7 @@ def test_budget_gives_every_method_the_same_pairs_per_epoch():
     assert budget_args("sail_dp", 1000) == ["--data.limit=600"]  # 600 / (1 - 0.4) = 1000
     assert budget_args("online_dpo", 1000) == ["--data.limit=1000", "--data.online_pairs=1000"]
     assert set(METHODS) >= {"dpo", "iterative_dpo", "online_dpo", "sail_dp", "sail_pp",
-                            "sail_pr", "sail_pr_released", "selm", "xpo"}
+                            "sail_pr", "sail_pr_released", "selm", "xpo", "spin", "sppo"}
 
 
 def test_overrides_land_in_the_cli_config(tmp_path, capsys):
@@ -109,3 +109,31 @@ def test_overrides_land_in_the_cli_config(tmp_path, capsys):
         assert expected in out, expected
     assert "EvaluationCallback" not in out  # the overlay replaces the callback list
     assert "model_config: null" in out
+
+
+def test_compare_methods_script_reports_every_label_source(tmp_path, capsys):
+    # The script's --quick mode on a tinier budget: one labelled and one label-free method,
+    # two label sources, one epoch of 32 pairs.
+    import json
+
+    from benchmarks.compare_methods import main
+
+    main(["--quick", "--methods", "dpo", "online_dpo", "--labels", "oracle", "rm_small",
+          "--no-ablations", "--pairs-per-epoch", "32", "--epochs", "1", "--offline-pairs", "128",
+          "--eval-prompts", "32", "--work-dir", str(tmp_path / "work"),
+          "--results-dir", str(tmp_path / "results")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last["win_rate_by_label"]) == {"oracle", "rm_small"}
+    assert set(last["win_rate_by_label"]["oracle"]) == {"dpo", "online_dpo"}
+    assert set(last["win_rate"]) == {"dpo", "online_dpo"}  # the default source's
+    # The oracle's Bradley-Terry draws agree with the true reward far more than a reward
+    # model trained on 16 pairs, a fifth of them flipped.
+    assert last["label_agreement"]["oracle"] > 0.8 > last["label_agreement"]["rm_small"]
+    # DPO uses no labeller: the same runs under both sources.
+    by_label = last["win_rate_by_label"]
+    assert by_label["oracle"]["dpo"] == by_label["rm_small"]["dpo"]
+    saved = json.loads((tmp_path / "results" / "compare_methods_quick.json").read_text())
+    rounds = saved["by_label"]["oracle"]["per_seed"]["online_dpo"][0]["rounds"]
+    assert len(rounds) == 1 and 0.0 <= rounds[0]["label_agreement"] <= 1.0
+    for name in ("compare_methods_quick.md", "compare_methods_quick_by_label.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0

@@ -31,6 +31,13 @@ def spec(**kw) -> MethodSpec:
      ["pair_mode=best_worst", "PairwiseRankerLabeller has none"]),
     ({"mix_pr": 0.3, "pair_mode": "two_samples", "labeller": "X", "bonus_alpha": 1e-3},
      ["model.bonus_alpha=0.001", "'two_samples'"]),
+    ({"mix_pr": 1.0, "pair_mode": "best_worst", "labeller": "X", "labeller_scores": True,
+      "loss_type": "sppo"}, ["model.loss_type='sppo'", "pair_mode='best_worst'"]),
+    ({"mix_pr": 1.0, "pair_mode": "sppo", "labeller": "X", "labeller_scores": True},
+     ["model.loss_type='sigmoid'", "pair_mode='sppo'"]),
+    ({"mix_pr": 1.0, "pair_mode": "spin", "loss_type": "ipo"}, ["pair_mode=spin", "'ipo'"]),
+    ({"mix_pr": 1.0, "pair_mode": "sppo", "labeller": "PairwiseRankerLabeller",
+      "loss_type": "sppo"}, ["pair_mode=sppo", "PairwiseRankerLabeller has none"]),
     ({"mix_pr": 1.0, "pair_mode": "selm", "labeller": "X", "labeller_scores": True,
       "bonus_alpha": 1e-3, "bonus_form": "xpo"}, ["model.bonus_form='xpo'", "pair_mode='selm'"]),
 ])
@@ -70,7 +77,7 @@ def test_every_shipped_method_config_agrees_and_is_named_after_itself():
     assert names == {"dpo": "dpo", "ipo": "ipo", "sail_dp": "sail_dp", "sail_pp": "sail_pp",
                      "sail_pr": "sail_pr", "sail_pr_rm": "sail_pr", "online_dpo": "online_dpo",
                      "iterative_dpo": "iterative_dpo", "selm": "selm", "xpo": "xpo",
-                     "sft": "sft"}
+                     "spin": "spin", "sppo": "sppo", "sft": "sft"}
 
 
 def test_special_cases_and_mixtures_are_named():

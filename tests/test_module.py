@@ -136,6 +136,7 @@ def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, t
     m.log_dict = lambda d, **k: logged.extend(d)
     batch = batch_of(dm, 8)
     batch["route"] = torch.tensor([Route.DPO, Route.DP, Route.PP, Route.PR] * 2)
+    batch["routes_present"] = (0, 1, 2, 3)  # as the collator records them with the routes
 
     def step(logging):
         m.logging_step = lambda: logging

@@ -132,3 +132,23 @@ def test_length_buckets_pad_less_than_random_batches_of_the_same_examples():
     assert bucketed.compose_epoch(1) == datamodule(length_buckets=8, **kw).compose_epoch(1)
     with pytest.raises(ValueError, match="data.length_buckets"):
         datamodule(length_buckets=-1, setup=False)
+
+
+def test_sft_resumes_from_its_checkpoint_and_validates(tmp_path):
+    """A lean SFT checkpoint (no reference in it, none rebuilt) resumes and validates."""
+    args = ["-c", str(CONFIGS / "quickstart.yaml"), "-c", str(CONFIGS / "method" / "sft.yaml"),
+            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--data.num_synthetic_pairs=200"]
+    main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'a'}", "--trainer.max_epochs=1"])
+    (ckpt,) = (tmp_path / "a").rglob("*.ckpt")
+    assert not [k for k in torch.load(ckpt, weights_only=True)["state_dict"] if "reference" in k]
+    main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.max_epochs=2",
+          f"--ckpt_path={ckpt}"])
+    (path,) = (tmp_path / "b").glob("sft/version_0/metrics.csv")
+    epochs = {int(r["epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss")}
+    assert epochs == {1}
+    main(["validate", *args, f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}"])
+    (path,) = (tmp_path / "c").glob("sft/version_0/metrics.csv")
+    assert {k for r in csv.DictReader(path.open()) for k, v in r.items() if v} >= {
+        "val/loss", "val/eval_reward"}

@@ -75,3 +75,57 @@ def save_charts(results: dict, path: str, *, title: str = "") -> list[str]:
                                title=f"{what}\n{title}" if title else what)
         plt.close(fig)
     return paths
+
+
+def label_table(results: dict) -> str:
+    """Win rate vs base (mean ± 95% CI) per method (rows) and label source (columns), with
+    each source's agreement with the true reward; ablations left out."""
+    labels = list(results["labels"])
+    head = " | ".join(f"{x} ({results['labels'][x]['agreement']:.2f})" for x in labels)
+    lines = [f"| method | {head} |", "|---|" + "---|" * len(labels)]
+    for m, name in results["methods"].items():
+        if m in results.get("ablations", []):
+            continue
+        cells = [_fmt(results["by_label"][x]["summary"][m]["win_rate"])
+                 if m in results["by_label"][x]["summary"] else "" for x in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def label_plot(results: dict, path: str, *, title: str = "") -> str:
+    """Win rate against the label source's agreement with the true reward: a line per
+    method that uses the labeller, a dashed level per method that does not (95% CIs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.experiments.runs import uses_labeller
+
+    labels = sorted(results["labels"], key=lambda x: results["labels"][x]["agreement"])
+    xs = [results["labels"][x]["agreement"] for x in labels]
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, (m, name) in enumerate((m, n) for m, n in results["methods"].items()
+                                  if m not in results.get("ablations", [])):
+        stats = [results["by_label"][x]["summary"].get(m, {}).get("win_rate") for x in labels]
+        means = [s["mean"] if s and s["mean"] is not None else float("nan") for s in stats]
+        errs = [s["ci95"] if s and s["ci95"] is not None else 0.0 for s in stats]
+        flat = not uses_labeller(m)  # the same runs at every label source
+        color = f"C{i % 10}"
+        if flat:
+            ax.axhline(means[0], color=color, linestyle="--", linewidth=1,
+                       label=f"{name} (no labeller)")
+        else:
+            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, color=color, label=name)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("label source's agreement with the true reward (held-out pairs)")
+    ax.set_ylabel("win rate vs base policy (ties half)")
+    for x, name in zip(xs, labels, strict=True):
+        ax.annotate(name, (x, ax.get_ylim()[0]), textcoords="offset points", xytext=(2, 4),
+                    fontsize=7, color="grey")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

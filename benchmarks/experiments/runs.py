@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.data.mixture import offline_pairs_for
 from sail_lightning.evaluation import win_rate
-from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
 from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,6 +42,11 @@ class Method:
     args: tuple[str, ...] = field(default_factory=tuple)
     # Tried in order when a run diverges (FloatingPointError): smaller response-term weights.
     fallbacks: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    # An ablation runs at the default label source only.
+    ablation: bool = False
+    # Warm start: the policy and reference come from one epoch of this method, and the run
+    # trains one epoch less (the same pairs in all).
+    warm_start: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -58,6 +63,23 @@ METHODS: dict[str, Method] = {
         (("--model.coef_pr=0.03",), ("--model.coef_pr=0.003",))),
     "selm": Method("selm", "SELM"),
     "xpo": Method("xpo", "XPO"),
+    "spin": Method("spin", "SPIN"),
+    "sppo": Method("sppo", "SPPO"),
+    # Ablations at equal data (the default label source). SAIL-PR's response term:
+    "sail_pr_g0": Method("sail_pr", "SAIL-PR gamma 0 (online DPO, mixed)",
+                         ("--model.coef_pr=0.0",), ablation=True),
+    "sail_pr_g0.1": Method("sail_pr", "SAIL-PR gamma 0.1", ("--model.coef_pr=0.1",),
+                           ablation=True),
+    "sail_pr_g1": Method("sail_pr", "SAIL-PR gamma 1", ("--model.coef_pr=1.0",), ablation=True),
+    "sail_pr_nobase": Method("sail_pr", "SAIL-PR baseline none", ("--model.baseline=none",),
+                             ablation=True),
+    # SAIL-DP's label term (rho = 0: labels resampled, no label term):
+    "sail_dp_rho0": Method("sail_dp", "SAIL-DP rho 0", ("--model.coef_dp=0.0",), ablation=True),
+    "sail_dp_rho0.5": Method("sail_dp", "SAIL-DP rho 0.5", ("--model.coef_dp=0.5",),
+                             ablation=True),
+    # SAIL-PP after one epoch of offline DPO: are its self-labels then informative?
+    "sail_pp_warm": Method("sail_pp", "SAIL-PP, DPO warm start", ablation=True,
+                           warm_start="dpo"),
 }
 
 
@@ -83,16 +105,31 @@ def budget_args(method: str, pairs_per_epoch: int) -> list[str]:
     return [f"--data.limit={offline_pairs_for(pairs_per_epoch, **mix)}"]
 
 
+def uses_labeller(method: str) -> bool:
+    """Whether the method's online pairs are labelled by the labeller (the label axis
+    matters): SAIL-PR and online routes; not offline methods, SAIL-PP's self-labels or
+    SPIN's demonstrations."""
+    cfg = _method_yaml(METHODS[method].config)
+    mix_pr = float(cfg.get("data", {}).get("mix_pr", 0.0))
+    modes = [cb.get("init_args", {}).get("pair_mode", "two_samples")
+             for cb in cfg.get("trainer", {}).get("callbacks", [])
+             if cb.get("class_path") == _CALLBACK]
+    return mix_pr > 0 and bool(modes) and modes[0] != "spin"
+
+
 def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str,
-                  run_dir: str, seed: int, epochs: int) -> str:
-    """The per-run YAML: trainer settings and the full callback list (see module docstring)."""
+                  run_dir: str, seed: int, epochs: int, labeller: dict | None = None) -> str:
+    """The per-run YAML: trainer settings and the full callback list (see module docstring).
+    ``labeller`` (class_path and init_args) replaces the reward model at ``rm_dir``."""
     callbacks: list[dict] = []
     for cb in _method_yaml(METHODS[method].config).get("trainer", {}).get("callbacks", []):
         if cb.get("class_path") != _CALLBACK:
             continue
         init = dict(cb.get("init_args") or {})
         init.update(seed=seed, progress=False)
-        if rm_dir is not None:
+        if labeller is not None:
+            init["labeller"] = labeller
+        elif rm_dir is not None:
             init["labeller"] = {"class_path": "sail_lightning.labellers.RewardModelLabeller",
                                 "init_args": {"name_or_path": rm_dir, "progress": False,
                                               "batch_size": 256}}
@@ -149,7 +186,8 @@ def quiet() -> None:
 
 def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: str,
                work_dir: str, seed: int, epochs: int, pairs_per_epoch: int,
-               extra: tuple[str, ...] = ()) -> dict:
+               extra: tuple[str, ...] = (), labeller: dict | None = None,
+               run_name: str | None = None) -> dict:
     """Trains ``method`` from the base policy through the CLI; returns where the policy is.
 
     On divergence (the run raises ``FloatingPointError``) the method's fallbacks are tried in
@@ -163,12 +201,13 @@ def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: 
 
     quiet()
     m = METHODS[method]
-    run_dir = os.path.join(work_dir, "runs", method, f"seed{seed}")
+    run_dir = os.path.join(work_dir, "runs", run_name or method, f"seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # no stale policy or round files
     os.makedirs(run_dir, exist_ok=True)
     policy_out = os.path.join(run_dir, "policy")
     overlay = write_overlay(method, os.path.join(run_dir, "overlay.yaml"), rm_dir=rm_dir,
-                            policy_out=policy_out, run_dir=run_dir, seed=seed, epochs=epochs)
+                            policy_out=policy_out, run_dir=run_dir, seed=seed, epochs=epochs,
+                            labeller=labeller)
     attempts = []
     t0 = time.perf_counter()
     for fallback in ((), *m.fallbacks):

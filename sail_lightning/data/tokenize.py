@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from sail_lightning.data.records import DROP_REASONS, PreferenceRecord, ReadStats
 
@@ -35,13 +34,17 @@ class TokenizedPair:
     ref_rejected: float | None = None
     bonus_ids: list[int] | None = None
     ref_bonus: float | None = None
+    # SPPO: each response's estimated probability of beating the policy.
+    win_chosen: float | None = None
+    win_rejected: float | None = None
 
     def example(self, route: int) -> dict:
         """The dict a DataLoader yields for this pair with its route."""
         return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids,
                 "rejected_ids": self.rejected_ids, "route": int(route),
                 "ref_chosen": self.ref_chosen, "ref_rejected": self.ref_rejected,
-                "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus}
+                "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus,
+                "win_chosen": self.win_chosen, "win_rejected": self.win_rejected}
 
 
 def encode_prompts(
@@ -194,10 +197,13 @@ class PreferenceCollator:
     Rows ``[:B]`` of ``input_ids``, ``attention_mask`` and ``response_mask`` are
     prompt+chosen, rows ``[B:2B]`` prompt+rejected, right-padded to one length so that each
     model runs once per batch. ``route`` has shape ``(B,)``; ``routes_present`` is the
-    sorted tuple of the distinct routes (not a tensor). When any example carries a
+    sorted tuple of the distinct routes (not a tensor: the training step reads it without a
+    host sync; code that changes ``route`` must update it, or delete it). When any example carries a
     bonus response, rows ``[2B:3B]`` are prompt+bonus and ``bonus_mask`` (B,) marks the
     examples that have one. When every example has cached reference log-probs, they come
-    as ``ref_logps`` of shape ``(2B,)`` (``(3B,)`` with bonus rows).
+    as ``ref_logps`` of shape ``(2B,)`` (``(3B,)`` with bonus rows). When any example carries
+    SPPO's win probabilities, ``win_chosen`` and ``win_rejected`` are ``(B,)`` (the hard
+    ``1`` and ``0`` for examples without).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -240,4 +246,9 @@ class PreferenceCollator:
                 [float(ex.get(k) or 0.0) for k in ref_keys for ex in examples])
         if has_bonus:
             batch["bonus_mask"] = torch.tensor([bool(ex.get("bonus_ids")) for ex in examples])
+        if any(ex.get("win_chosen") is not None for ex in examples):
+            for key, hard in (("win_chosen", 1.0), ("win_rejected", 0.0)):
+                # float64: the loss casts them to its inputs' dtype, whatever that is.
+                batch[key] = torch.tensor([hard if ex.get(key) is None else float(ex[key])
+                                           for ex in examples], dtype=torch.float64)
         return batch

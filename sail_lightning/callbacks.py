@@ -41,7 +41,9 @@ class PairGenerationCallback(L.Callback):
 
     Round 0 is built in ``on_fit_start`` (not when resuming: the checkpoint's round is
     restored from disk), round k+1 in ``on_train_epoch_end`` of epoch k, every
-    ``every_n_epochs`` epochs. Lightning re-calls ``train_dataloader()`` before the next
+    ``every_n_epochs`` epochs: epoch e trains on round ``e // every_n_epochs``. After a
+    resume, ``on_train_start`` builds the round of the resumed epoch if the checkpoint lacks
+    it, as the uninterrupted run built it (docs/resume.md). Lightning re-calls ``train_dataloader()`` before the next
     epoch starts (``reload_dataloaders_every_n_epochs: 1``), which then holds the new round.
 
     Args:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sail_lightning.guard import NonFiniteGuard, fused_kwargs
 from sail_lightning.models import (
     LoraOptions,
     QuantizationOptions,
@@ -122,6 +123,7 @@ class SAILModule(L.LightningModule):
         lora, quantization = _as_dict(lora), _as_dict(quantization)
         self.save_hyperparameters()
         self.pair: PolicyPair | None = None  # built in configure_model
+        self.guard = NonFiniteGuard()
         # Checkpoints omit the frozen weights that configure_model rebuilds (on_save_checkpoint);
         # on_load_checkpoint still requires every other key.
         self.strict_loading = False
@@ -174,6 +176,9 @@ class SAILModule(L.LightningModule):
         key = (self.hparams.label_seed, self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
+    def on_train_epoch_end(self) -> None:
+        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)  # a sync per epoch
+
     def on_fit_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger is not None:
@@ -203,11 +208,11 @@ class SAILModule(L.LightningModule):
             loss = loss + bonus
             if log_now:
                 metrics["loss/bonus_term"] = bonus.detach()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}. "
-                "model.response_term=released_code divides by log pi(y), which nears 0 as "
-                "responses shrink; lower model.lr or model.coef_*, or use score_function")
+        # No host sync here: the guard keeps the verdict on the device (guard.py).
+        routes = batch.get("routes_present")
+        self.guard.record(self.global_step, loss,
+                          [Route(int(r)).name.lower() for r in routes] if routes else (),
+                          metrics if log_now else None)
         if log_now:
             # Only on the steps the logger writes: each self.log costs about a millisecond,
             # most of a tiny model's step. Synced: under DDP the logged loss is the global
@@ -256,9 +261,13 @@ class SAILModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Norm before clipping: what a dashboard needs to see a spike.
+        # A non-finite step never updates the weights; it is reported where the run syncs.
+        self.guard.before_optimizer_step(optimizer, self.global_step,
+                                         world_size=self.trainer.world_size)
         if not self.logging_step():
             return
+        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
+        # Norm before clipping: what a dashboard needs to see a spike.
         grads = [p.grad for p in self.pair.policy.parameters() if p.grad is not None]
         if not grads:
             return
@@ -276,7 +285,9 @@ class SAILModule(L.LightningModule):
 
         hp = self.hparams
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        # Fused where torch has it: it skips a non-finite step on the device (guard.py).
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay,
+                                      **fused_kwargs(params, self.trainer.precision_plugin))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = get_scheduler(hp.scheduler, optimizer,
                                  num_warmup_steps=int(hp.warmup_ratio * total),

@@ -56,8 +56,9 @@ def fit_args(command: str) -> tuple[dict[str, str], list[str]]:
     while "=" in words[0] and not words[0].startswith("-"):
         key, _, value = words.pop(0).partition("=")
         env[key] = value
-    assert words[0] == "sail-lightning", command
-    return env, words[1:]
+    assert "sail-lightning" in words, command
+    # A launcher before it (srun, ...) starts the same command on each node.
+    return env, words[words.index("sail-lightning") + 1:]
 
 
 def run_in(tmp_path, monkeypatch, command: str, *extra: str) -> None:

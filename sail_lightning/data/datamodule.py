@@ -10,7 +10,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sail_lightning.data.loaders import EpochView, PairDataset, ResumableDataLoader
+from sail_lightning.data.loaders import (
+    EpochPosition,
+    EpochView,
+    PairDataset,
+    ResumableDataLoader,
+)
 from sail_lightning.data.mixture import (
     EpochCounts,
     RoundPlan,
@@ -139,8 +144,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_pairs: list[TokenizedPair] = []
         self.stats: dict[str, float] = {}
         self._restored: dict | None = None
-        self._loader: ResumableDataLoader | None = None  # this epoch's, for its position
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint
+        self.position = EpochPosition(self._epoch)  # saved: a resume starts at its batch
         self.train_records: list[PreferenceRecord] = []
         self.val_records: list[PreferenceRecord] = []
         self.pool = OnlinePool(pool_dir or "rounds")
@@ -234,26 +238,14 @@ class PreferenceDataModule(L.LightningDataModule):
         if trainer is not None and hp.mix_dp > 0 and trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning("data.mix_dp > 0 without trainer.reload_dataloaders_every_n_epochs=1: "
                         "the same pairs go to SAIL-DP every epoch")
-        self._loader = ResumableDataLoader(
+        return self.position.track(ResumableDataLoader(
             view,
             batch_size=hp.batch_size,
             shuffle=False,
             sampler=sampler,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
-        )
-        self._loader.start_batch = self.start_batch
-        return self._loader
-
-    def start_batch(self) -> int:
-        """Batches of the current epoch already trained on: those a restored checkpoint
-        recorded when it was saved in this epoch, else 0. Asked once per pass over the
-        train loader, at its first batch (after any restore); the position is used once."""
-        at, self._resume_at = self._resume_at, None
-        if at is not None and at[0] == self._epoch():
-            log.info("resuming epoch %d at batch %d", at[0], at[1])
-            return at[1]
-        return 0
+        ))
 
     def val_dataloader(self) -> DataLoader:
         routes = torch.full((len(self.val_pairs),), int(Route.DPO), dtype=torch.long)
@@ -303,16 +295,13 @@ class PreferenceDataModule(L.LightningDataModule):
             "train_pairs": len(self.train_pairs or []),
             "val_pairs": len(self.val_pairs),
             "fingerprint": getattr(self, "fingerprint", None),
-            # Where training is in the epoch: a mid-epoch checkpoint resumes at this batch.
-            "position": {"epoch": self._epoch(),
-                         "batches": self._loader.batches_yielded if self._loader else 0},
+            "position": self.position.state_dict(),
             **self.pool.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
-        position = state_dict.get("position")
-        self._resume_at = (position["epoch"], position["batches"]) if position else None
+        self.position.load_state_dict(state_dict.get("position"))
         self.pool.load_state_dict(state_dict)
         if self.train_pairs is not None:
             self._check_restored()

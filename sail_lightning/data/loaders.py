@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sail_lightning.data.tokenize import TokenizedPair
+
+log = logging.getLogger("sail_lightning.data")
 
 
 class PairDataset(Dataset):
@@ -53,8 +56,7 @@ class EpochView(Dataset):
 class ResumableDataLoader(DataLoader):
     """A DataLoader that resumes mid-epoch exactly: it skips the batches already trained on.
 
-    The position is the DataModule's (``PreferenceDataModule.state_dict``), not this
-    loader's: Lightning restores a loader's own state only when it builds the loader after
+    The position is the DataModule's (its :class:`EpochPosition`), not this loader's: Lightning restores a loader's own state only when it builds the loader after
     the restore, which it does not in epoch 0 (``estimated_stepping_batches`` builds the loader
     before the checkpoint is read, and epoch 0 never rebuilds it), so a loader-held position
     was dropped there. ``start_batch`` is asked lazily, at the first batch of each pass, by
@@ -84,3 +86,40 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Ignored: ``PreferenceDataModule.load_state_dict`` restores the position."""
+
+
+class EpochPosition:
+    """Where training is inside the current epoch: the epoch and the batches of it trained,
+    saved in the DataModule's checkpoint state, so that a resumed run starts its epoch at
+    the next batch (see :class:`ResumableDataLoader` for why the loader does not own it).
+
+    Args:
+        epoch: returns the current epoch (the trainer's, once attached).
+    """
+
+    def __init__(self, epoch: Callable[[], int]) -> None:
+        self.epoch = epoch
+        self.loader: ResumableDataLoader | None = None  # the latest train loader
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint
+
+    def track(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+        self.loader = loader
+        loader.start_batch = self.start_batch
+        return loader
+
+    def start_batch(self) -> int:
+        """Batches of the current epoch already trained: those a restored checkpoint saved in
+        this epoch recorded, else 0. Asked at the first batch of each pass (after any
+        restore); a restored position is used once."""
+        at, self.resume_at = self.resume_at, None
+        if at is not None and at[0] == self.epoch():
+            log.info("resuming epoch %d at batch %d", at[0], at[1])
+            return at[1]
+        return 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch(),
+                "batches": self.loader.batches_yielded if self.loader is not None else 0}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.resume_at = (state["epoch"], state["batches"]) if state else None

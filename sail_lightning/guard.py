@@ -1,0 +1,145 @@
+"""The non-finite guard: a step whose loss or gradients are not finite never updates weights.
+
+The check costs no host sync on steps that need none. Each step's verdict stays on the
+device: ``finite = isfinite(loss) & isfinite(total gradient norm)``. A fused AdamW (what
+``SAILModule.configure_optimizers`` builds where torch has one and the precision is not
+Lightning's ``*-mixed``, whose plugin refuses to clip a fused optimizer's gradients) reads it
+as ``found_inf`` and skips the update inside its kernel, as it does for a mixed-precision
+scaler: no weight, moment or step count moves. Other optimizers (and FSDP2's sharded
+parameters) get the verdict with one host sync, and a bad step's gradients are dropped (an optimizer skips a parameter without a gradient). Under
+DDP and FSDP the gradients are already reduced, so every rank takes the same decision.
+
+Bad steps are counted on the device and read where the run syncs anyway (the logger's
+steps, the end of each epoch); then the run stops with an error that names what is known:
+the global step, the loss parts that were not finite (known when that step was a logging
+step: ``trainer.log_every_n_steps=1`` names them always), the routes of its batch and the
+option most likely responsible.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import torch
+
+# Loss parts as SAILModule logs them (train/loss/...), and what each points to.
+_PARTS = ("loss/dpo_term", "loss/label_term", "loss/response_term", "loss/bonus_term")
+_HISTORY = 1024  # steps whose routes (host-side) are kept for the message
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` skips a step on the device when given ``found_inf`` (torch's
+    fused Adam / AdamW / SGD)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+class NonFiniteGuard:
+    """Keeps non-finite steps out of the weights, and says which step went wrong and why."""
+
+    def __init__(self) -> None:
+        self.bad_steps: torch.Tensor | None = None  # count, on the device
+        self.first_bad: torch.Tensor | None = None  # global step of the first bad one, or -1
+        self._loss_finite: torch.Tensor | None = None
+        self._routes: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._parts: dict[int, dict[str, float]] = {}
+        self.skipped_synced = 0  # bad steps counted through a host sync (unfused optimizers)
+
+    def record(self, step: int, loss: torch.Tensor, routes: Iterable[str],
+               parts: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Called by the training step with its loss, the routes of its batch (host-side
+        names) and, on logging steps, its loss parts (already synced there)."""
+        self._loss_finite = torch.isfinite(loss.detach())
+        self._routes[step] = tuple(sorted(routes))
+        while len(self._routes) > _HISTORY:
+            self._routes.popitem(last=False)
+        if parts:
+            self._parts = {step: {k: float(parts[k]) for k in _PARTS if k in parts}}
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int, *,
+                              world_size: int = 1) -> None:
+        """Decides on the device whether this step may update the weights, and makes the
+        optimizer skip it if not. The gradients checked are the optimizer's own parameters'
+        (FSDP1's flat parameters, not the module's views), reduced across ranks already."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        # Under DDP / FSDP the decision rests on the reduced gradients alone, the same on
+        # every rank (a rank's non-finite loss makes them non-finite): a rank-local loss
+        # flag could let one rank skip a step that another takes.
+        local = self._loss_finite if self._loss_finite is not None and world_size == 1 else None
+        finite = local if local is not None else torch.tensor(True)
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()  # FSDP2: a collective, not a host sync
+            finite = finite.to(norm.device) & torch.isfinite(norm)
+        bad = ~finite
+        if self.bad_steps is None:
+            self.bad_steps = torch.zeros((), dtype=torch.long, device=bad.device)
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_steps = self.bad_steps + bad.long()
+        if supports_found_inf(optimizer):
+            optimizer.found_inf = bad.float()  # read by the fused kernel: no sync
+        elif bool(bad):  # one host sync per step for optimizers that cannot skip on device
+            self.skipped_synced += 1
+            for p in params:
+                p.grad = None
+
+    def check(self, *, epoch: int, hparams: Mapping) -> None:
+        """Raises if any step since the start was not finite (one host sync)."""
+        if self.bad_steps is None or int(self.bad_steps) == 0:
+            return
+        raise FloatingPointError(self.message(epoch=epoch, hparams=hparams))
+
+    def message(self, *, epoch: int, hparams: Mapping) -> str:
+        count, step = int(self.bad_steps), int(self.first_bad)
+        routes = self._routes.get(step)
+        parts = self._parts.get(step)
+        bad_parts = [k.split("/")[1] for k, v in (parts or {}).items()
+                     if not torch.isfinite(torch.tensor(v))]
+        where = (f"train/loss or its gradients were not finite at global step {step} "
+                 f"(epoch {epoch} or before; {count} such step(s), none updated the weights)")
+        what = (f"non-finite loss parts: {', '.join(bad_parts) or 'none (the gradients)'}"
+                if parts is not None else "loss parts unknown (they are computed on logging "
+                "steps: trainer.log_every_n_steps=1 names them)")
+        batch = f"routes in the batch: {', '.join(routes) if routes else 'unknown'}"
+        return f"{where}; {what}; {batch}. {likely_cause(bad_parts, routes, hparams)}"
+
+
+def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None,
+                 hparams: Mapping) -> str:
+    """The option most likely responsible, from what is known."""
+    online = routes is None or any(r in ("pp", "pr") for r in routes)
+    if "response_term" in bad_parts and hparams.get("response_term") == "released_code":
+        return ("model.response_term=released_code divides by log pi(y), which nears 0 as "
+                "responses shrink: use score_function, or lower model.coef_pp / coef_pr")
+    if "response_term" in bad_parts:
+        return (f"the response term (model.coef_pr={hparams.get('coef_pr')}, "
+                f"coef_pp={hparams.get('coef_pp')}) is not finite: lower them or model.lr")
+    if "bonus_term" in bad_parts:
+        return f"the exploration bonus is not finite: lower model.bonus_alpha " \
+               f"({hparams.get('bonus_alpha')}) or model.lr"
+    hint = (f"lower model.lr ({hparams.get('lr')}) or raise model.beta ({hparams.get('beta')}); "
+            "check the data for empty responses")
+    if not bad_parts and online and hparams.get("response_term") == "released_code":
+        hint += ("; with model.response_term=released_code, its division by log pi(y) is a "
+                 "common cause")
+    return f"Likely: {hint}"
+
+
+def fused_kwargs(params: list[torch.nn.Parameter], precision_plugin: object = None) -> dict:
+    """``{"fused": True}`` where torch's fused AdamW takes these parameters (plain float
+    tensors on CPU or CUDA; not FSDP2's DTensors) and Lightning can clip its gradients (its
+    ``*-mixed`` plugin refuses to clip for an optimizer that unscales by itself), else
+    ``{}``: the guard then costs a host sync a step."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    if isinstance(precision_plugin, MixedPrecision) or getattr(precision_plugin, "scaler", None):
+        return {}  # (a GradScaler sets found_inf itself, from its own check)
+    ok = params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                        and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                        for p in params)
+    return {"fused": True} if ok else {}

@@ -1,0 +1,99 @@
+"""The non-finite guard (sail_lightning/guard.py): a bad step never updates the weights, the
+run stops at the next sync naming the step, the non-finite loss parts, the batch's routes
+and the likely option; no host sync on good steps with a fused optimizer."""
+
+import lightning as L
+import pytest
+import torch
+
+from sail_lightning.guard import NonFiniteGuard, fused_kwargs, likely_cause, supports_found_inf
+from tests.helpers import fit, module
+
+
+class Poison(L.Callback):
+    """Makes batch ``at`` non-finite (its reference log-probs NaN) and snapshots the policy
+    and the optimizer's step count just before it."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.before = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            n = batch["route"].shape[0]
+            batch["ref_logps"] = torch.full((2 * n,), float("nan"))
+            self.before = {k: v.detach().clone()
+                           for k, v in pl_module.pair.policy.state_dict().items()}
+            opt = trainer.optimizers[0]
+            self.steps = [float(s["step"]) for s in opt.state.values()]
+
+
+def weights(m):
+    return {k: v.detach().clone() for k, v in m.pair.policy.state_dict().items()}
+
+
+def test_bad_step_never_updates_weights_and_names_step_parts_routes(tmp_path):
+    m, poison = module(), Poison(at=2)
+    with pytest.raises(FloatingPointError) as err:
+        fit(m, tmp_path, steps=3, callbacks=[poison], log_every_n_steps=1)
+    after = weights(m)
+    assert all(torch.equal(after[k], v) for k, v in poison.before.items())
+    opt = m.trainer.optimizers[0]
+    assert supports_found_inf(opt)  # the fused path: skipped on the device
+    assert [float(s["step"]) for s in opt.state.values()] == poison.steps
+    msg = str(err.value)
+    assert "global step 2" in msg and "1 such step(s)" in msg
+    assert "non-finite loss parts: dpo_term" in msg and "routes in the batch: dpo" in msg
+    assert "model.lr" in msg and "released_code" not in msg  # score_function: not blamed
+
+
+def test_bad_step_between_logging_steps_is_skipped_and_reported_at_epoch_end(tmp_path):
+    m, poison = module(), Poison(at=3)
+    with pytest.raises(FloatingPointError, match="global step 3 .*loss parts unknown") as err:
+        fit(m, tmp_path, steps=4, callbacks=[poison], log_every_n_steps=100)
+    assert all(torch.equal(weights(m)[k], v) for k, v in poison.before.items())
+    assert "routes in the batch: dpo" in str(err.value)
+
+
+def test_good_run_is_unchanged_by_the_guard(tmp_path):
+    m = module()
+    fit(m, tmp_path, steps=3)
+    assert int(m.guard.bad_steps) == 0 and m.guard.skipped_synced == 0
+
+
+def test_unfused_optimizer_drops_a_bad_steps_gradients():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    guard = NonFiniteGuard()
+    guard.record(0, torch.tensor(float("nan")), ("pr",))
+    p.grad = torch.ones(3)
+    guard.before_optimizer_step(opt, 0)
+    assert p.grad is None and guard.skipped_synced == 1
+    opt.step()
+    assert torch.equal(p.data, torch.ones(3))
+
+
+def test_fused_only_for_plain_float_tensors_outside_mixed_precision():
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert fused_kwargs(params) == fused_kwargs(params, Precision()) == {"fused": True}
+    assert fused_kwargs([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]) == {}
+    # Lightning's *-mixed plugins refuse to clip gradients of a fused optimizer.
+    assert fused_kwargs(params, MixedPrecision("bf16-mixed", "cpu")) == {}
+
+
+@pytest.mark.parametrize(("parts", "routes", "response_term", "expected", "absent"), [
+    (["response_term"], ("pr",), "released_code", "model.response_term=released_code", None),
+    (["response_term"], ("pr",), "score_function", "model.coef_pr", "released_code"),
+    (["dpo_term"], ("dpo", "pr"), "released_code", "model.lr", "released_code"),
+    ([], ("dpo",), "released_code", "model.beta", "released_code"),
+    ([], ("pr",), "released_code", "released_code", None),
+    (["bonus_term"], ("pr",), "score_function", "model.bonus_alpha", None),
+])
+def test_likely_option(parts, routes, response_term, expected, absent):
+    hp = {"response_term": response_term, "lr": 1e-3, "beta": 0.1, "coef_pr": 0.3,
+          "coef_pp": 0.0, "bonus_alpha": 0.0}
+    text = likely_cause(parts, routes, hp)
+    assert expected in text
+    assert absent is None or absent not in text

@@ -1,21 +1,29 @@
-"""Every method of the library on the synthetic task, judged by the true reward.
+"""Every method of the library on the synthetic task, judged by the true reward, as a
+function of the online labels' quality.
 
 One command, CPU only, nothing downloaded. From one base policy (a tiny Llama trained
-briefly by SFT on noisy demonstrations), one offline data set (two base-policy samples per
-prompt, labelled by the task's Bradley-Terry oracle) and one learned reward model (trained
-on those pairs; it labels the online methods' pairs), it trains DPO, iterative DPO, online
-DPO, SAIL-DP, SAIL-PP, SAIL-PR (score_function and released_code), SELM and XPO through
-``sail_lightning.cli.main`` at the same number of training pairs, for each seed, and reports
-the win rate of each final policy's greedy responses against the base policy's (true reward,
-ties half), its mean true reward and its wall time, as mean ± 95% t-interval over seeds.
+briefly by SFT on noisy demonstrations) and one offline data set (two base-policy samples
+per prompt, labelled by the task's Bradley-Terry oracle), it trains DPO, iterative DPO,
+online DPO, SAIL-DP, SAIL-PP, SAIL-PR (score_function and released_code), SELM, XPO, SPIN
+and SPPO through ``sail_lightning.cli.main`` at the same number of training pairs. The
+labelled methods run once per label source (``benchmarks.experiments.labels``: the oracle,
+and reward models of graded quality, each measured by its agreement with the true reward
+on held-out pairs); the ablations (SAIL-PR's gamma and baseline, SAIL-DP's rho, SAIL-PP
+after a DPO warm start) run at the default source. For each seed it reports the win rate of
+each final policy's greedy responses against the base policy's (true reward, ties half),
+its mean true reward and its wall time, as mean ± 95% t-interval over seeds.
 
     python benchmarks/compare_methods.py            # 3 seeds, the FULL budget
-    python benchmarks/compare_methods.py --quick    # 1 seed, a small budget (< 5 min)
+    python benchmarks/compare_methods.py --quick    # 1 seed, a small budget
 
-Writes ``benchmarks/results/compare_methods{,_quick}.json`` and the charts (win rate, and
-true reward in ``..._true_reward.png``, via ``sail_lightning.plots.comparison_chart``). The
-last line of stdout is one JSON object (``win_rate``, ``true_reward``, ``wall_seconds``:
-method -> mean; ``seeds``, ``quick``, ``budget``, ``total_seconds``). The logic lives in
+Writes ``benchmarks/results/compare_methods{,_quick}.{json,md}``, the bar charts of the
+default source (``.png``, ``_true_reward.png``) and the plot of win rate against label
+quality (``_by_label.png``). The last line of stdout is one JSON object: ``win_rate``
+(method -> mean at the default label source), ``win_rate_by_label`` (label source ->
+method -> mean; the oracle's key is ``oracle``), ``label_agreement`` (label source ->
+agreement with the true reward on held-out pairs), ``true_reward``, ``wall_seconds``,
+``seeds``, ``quick``, ``budget``, ``total_seconds``, ``fallbacks``. Runs are kept in
+``--work-dir`` and reused by a later call with the same settings. The logic lives in
 ``benchmarks.experiments``.
 """
 

@@ -111,7 +111,7 @@ def label_plot(results: dict, path: str, *, title: str = "") -> str:
         means = [s["mean"] if s and s["mean"] is not None else float("nan") for s in stats]
         errs = [s["ci95"] if s and s["ci95"] is not None else 0.0 for s in stats]
         flat = not uses_labeller(m)  # the same runs at every label source
-        color = f"C{i % 10}"
+        color = plt.get_cmap("tab20")(i % 20)  # more methods than the 10 default colours
         if flat:
             ax.axhline(means[0], color=color, linestyle="--", linewidth=1,
                        label=f"{name} (no labeller)")

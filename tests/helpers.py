@@ -69,6 +69,33 @@ def step_log(path) -> dict[int, dict[int, tuple[str, float]]]:
     return out
 
 
+class PoisonOnRank(L.Callback):
+    """Make one rank's batch at global step ``step`` non-finite (NaN reference log-probs);
+    on the exception that follows, each rank writes to ``<path>/rank<r>.json`` whether its
+    policy weights are those it had before that step, and the error."""
+
+    def __init__(self, step: int, rank: int, path: str) -> None:
+        self.step, self.rank, self.path = step, rank, path
+        self.before: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.before = snapshot(pl_module.pair.policy)
+        if trainer.global_rank == self.rank:
+            n = batch["route"].shape[0]
+            batch["ref_logps"] = torch.full((2 * n,), float("nan"))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        after = snapshot(pl_module.pair.policy)
+        unchanged = self.before is not None and all(
+            torch.equal(after[k], v) for k, v in self.before.items())
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"unchanged": unchanged, "error": f"{type(exception).__name__}: "
+                                                       f"{exception}"}, f)
+
+
 class DumpPool(L.Callback):
     """Write each rank's view of the online pool and its per-step losses to `path`."""
 

@@ -2,6 +2,8 @@
 run stops at the next sync naming the step, the non-finite loss parts, the batch's routes
 and the likely option; no host sync on good steps with a fused optimizer."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -97,3 +99,37 @@ def test_likely_option(parts, routes, response_term, expected, absent):
     text = likely_cause(parts, routes, hp)
     assert expected in text
     assert absent is None or absent not in text
+
+
+@pytest.mark.slow
+def test_ddp_a_bad_batch_on_one_rank_updates_no_rank_and_every_rank_names_it(tmp_path):
+    """2-process DDP (CPU, gloo): rank 1's batch at step 3 is non-finite; the reduced
+    gradients are non-finite on both ranks, so neither takes the step, and both stop."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import CONFIGS, REPO
+
+    root = tmp_path / "run"
+    cfg = {"trainer": {
+        "default_root_dir": str(root), "max_epochs": 1, "limit_train_batches": 6,
+        "limit_val_batches": 0, "enable_progress_bar": False, "log_every_n_steps": 1,
+        "strategy": "ddp", "devices": 2, "logger": False, "enable_checkpointing": False,
+        "callbacks": [{"class_path": "tests.helpers.PoisonOnRank",
+                       "init_args": {"step": 3, "rank": 1, "path": str(root / "out")}}]}}
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "sail_lightning", "fit", "-c", str(CONFIGS / "quickstart.yaml"),
+           "-c", str(CONFIGS / "method" / "dpo.yaml"), "-c", str(overlay),
+           "--data.num_synthetic_pairs=400"]
+    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "global step 3" in out.stderr, out.stderr[-3000:]
+    ranks = {p.name: json.loads(p.read_text()) for p in (root / "out").glob("rank*.json")}
+    assert set(ranks) == {"rank0.json", "rank1.json"}
+    for record in ranks.values():
+        assert record["unchanged"], record
+        assert "FloatingPointError" in record["error"] and "global step 3" in record["error"]

@@ -1,5 +1,6 @@
 """Resume matrix: a run killed at each point (mid-epoch 0 and 1, after an epoch's last batch,
-during generation, labelling, writing and evaluation; a finished run extended) and resumed
+during generation, labelling, writing and evaluation (EvaluationCallback's judge); a
+finished run extended) and resumed
 from its last checkpoint trains the same batches, logs the same losses and builds the same
 rounds, byte for byte, as an uninterrupted run, for checkpoints every n steps and every epoch.
 
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import sail_lightning.callbacks as callbacks_module
 import sail_lightning.data.pool as pool_module
 from sail_lightning.callbacks import PairGenerationCallback
+from sail_lightning.evaluation import EvaluationCallback
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.synthetic import OracleLabeller
 from tests.helpers import datamodule, module
@@ -66,15 +68,18 @@ class KillAtEpochEnd(L.Callback):
             raise Killed(f"end of epoch {self.epoch}")
 
 
-class KillInValidation(L.Callback):
-    """Raises during the end-of-epoch validation (evaluation) of an epoch."""
+class KillingJudge(OracleLabeller):
+    """The synthetic oracle as EvaluationCallback's judge, raising while it scores the
+    evaluation of a given epoch (armed per run)."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, trainer_epoch=None, epoch: int | None = None) -> None:
+        super().__init__()
+        self.trainer_epoch, self.epoch = trainer_epoch, epoch
 
-    def on_validation_batch_end(self, trainer, *args) -> None:
-        if not trainer.sanity_checking and trainer.current_epoch == self.epoch:
-            raise Killed(f"validation of epoch {self.epoch}")
+    def score(self, *args, **kw):
+        if self.epoch is not None and self.trainer_epoch() == self.epoch:
+            raise Killed(f"evaluation of epoch {self.epoch}")
+        return super().score(*args, **kw)
 
 
 class KillingOracle(OracleLabeller):
@@ -94,7 +99,8 @@ class KillingOracle(OracleLabeller):
 
 
 def run(tmp: Path, name: str, log: dict, *, cadence: str, kill: list | None = None,
-        ckpt: str | None = None, epochs: int = EPOCHS, oracle=None) -> L.Trainer:
+        ckpt: str | None = None, epochs: int = EPOCHS, oracle=None, judge_epoch=None
+        ) -> L.Trainer:
     """One fit of the tiny SAIL-PR run; ``log`` collects steps, losses and rounds."""
     L.seed_everything(0, verbose=False)
     attempt = log.setdefault("attempts", 0)
@@ -110,17 +116,19 @@ def run(tmp: Path, name: str, log: dict, *, cadence: str, kill: list | None = No
     generation = PairGenerationCallback(
         labeller=oracle or OracleLabeller(), progress=False,
         sampling=SamplingOptions(num_samples=2, max_new_tokens=6, batch_size=64))
+    judge = KillingJudge(lambda: trainer.current_epoch, judge_epoch)
+    evaluation = EvaluationCallback(judge=judge, num_prompts=8, max_new_tokens=4)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp / name,
-        callbacks=[generation, Record(log.setdefault("steps", {}),
-                                      log.setdefault("losses", {})),
+        callbacks=[evaluation, generation, Record(log.setdefault("steps", {}),
+                                                  log.setdefault("losses", {})),
                    *(kill or []), checkpoint])
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    except Killed:
-        pass
+    except Killed as exc:
+        log["killed"] = str(exc)
     log["rounds"] = {r["round"]: Path(r["path"]).read_bytes() for r in dm.pool.rounds}
     return trainer
 
@@ -154,23 +162,23 @@ KILL_POINTS = ["mid_epoch_0", "mid_epoch_1", "last_batch", "generation", "labell
 
 
 def kill_setup(point: str, steps: int, cadence: str, monkeypatch
-               ) -> tuple[list, OracleLabeller]:
+               ) -> tuple[list, OracleLabeller, int | None]:
     """The callbacks and the labeller of a run killed at ``point``. Labelling and writing
     fail in round 1 (built after epoch 0, before the epoch's checkpoint: with epoch
     checkpoints nothing would be left to resume) or round 2."""
     oracle = KillingOracle()
     round_index = 1 if cadence == "steps" else 2
     if point == "mid_epoch_0":
-        return [KillAtStep(steps // 2 + 1)], oracle
+        return [KillAtStep(steps // 2 + 1)], oracle, None
     if point == "mid_epoch_1":
-        return [KillAtStep(steps + steps // 2 + 1)], oracle
+        return [KillAtStep(steps + steps // 2 + 1)], oracle, None
     if point == "last_batch":
-        return [KillAtEpochEnd(1)], oracle  # step 18: a checkpoint on the last batch
+        return [KillAtEpochEnd(1)], oracle, None  # step 18: a checkpoint on the last batch
     if point == "evaluation":
-        return [KillInValidation(1)], oracle
+        return [], oracle, 1  # EvaluationCallback's judge, at the end of epoch 1
     if point == "labelling":
         oracle.armed_round = round_index
-        return [], oracle
+        return [], oracle, None
     if point == "generation":
         real = callbacks_module.build_round
 
@@ -180,7 +188,7 @@ def kill_setup(point: str, steps: int, cadence: str, monkeypatch
             return real(*args, round_index=round_index, **kw)
 
         monkeypatch.setattr(callbacks_module, "build_round", build_round)
-        return [], oracle
+        return [], oracle, None
     if point == "writing":
         real_write = pool_module.write_round
 
@@ -192,15 +200,16 @@ def kill_setup(point: str, steps: int, cadence: str, monkeypatch
             return real_write(path, pairs)
 
         monkeypatch.setattr(pool_module, "write_round", write_round)
-        return [], oracle
+        return [], oracle, None
     raise AssertionError(point)
 
 
 def kill_and_resume(tmp: Path, point: str, cadence: str, steps: int, monkeypatch) -> dict:
     log: dict = {}
     with monkeypatch.context() as patch:
-        kill, oracle = kill_setup(point, steps, cadence, patch)
-        run(tmp, "run", log, cadence=cadence, kill=kill, oracle=oracle)
+        kill, oracle, judge_epoch = kill_setup(point, steps, cadence, patch)
+        run(tmp, "run", log, cadence=cadence, kill=kill, oracle=oracle, judge_epoch=judge_epoch)
+    assert "killed" in log, f"the run was not killed at {point}"
     run(tmp, "run", log, cadence=cadence, ckpt=last(tmp, "run"))
     return log
 

@@ -192,3 +192,12 @@ def test_built_from_yaml_primitives(config):
     for key, value in config["init_args"].items():
         if key not in ("require_api_key", "seed"):
             assert getattr(built, key) == value
+
+
+def test_a_served_cost_model_is_read_lower_is_better(serve):
+    # The scripted server scores by response length: as costs, the shorter response wins.
+    server = serve([(200, None)])
+    cost = fast(server.url, lower_is_better=True)
+    assert torch.equal(cost.score(PROMPTS, RESPONSES), -torch.tensor([1.0, 3.0, 1.0, 1.0, 5.0]))
+    labels = cost.label(PROMPTS[:2], ["x x x", "y"], ["x", "y y"])
+    assert labels.a_preferred.tolist() == [False, True]

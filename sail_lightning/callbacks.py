@@ -43,8 +43,9 @@ class PairGenerationCallback(L.Callback):
     restored from disk), round k+1 in ``on_train_epoch_end`` of epoch k, every
     ``every_n_epochs`` epochs: epoch e trains on round ``e // every_n_epochs``. After a
     resume, ``on_train_start`` builds the round of the resumed epoch if the checkpoint lacks
-    it, as the uninterrupted run built it (docs/resume.md). Lightning re-calls ``train_dataloader()`` before the next
-    epoch starts (``reload_dataloaders_every_n_epochs: 1``), which then holds the new round.
+    it, as the uninterrupted run built it (docs/resume.md). Lightning re-calls
+    ``train_dataloader()`` before the next epoch starts
+    (``reload_dataloaders_every_n_epochs: 1``), which then holds the new round.
 
     Args:
         labeller: labels SAIL-PR / online pairs (and scores candidates for ``best_worst`` and

@@ -80,6 +80,7 @@ class SAILFSDPStrategy(FSDPStrategy):
 
             layers = decoder_layer_classes(policy_model)
             self._activation_checkpointing_kwargs = {"auto_wrap_policy": ModuleWrapPolicy(layers)}
+        # FSDPStrategy's own (protected) hook, overridden to add the policy's layers above.
         return super()._setup_model(model)
 
 

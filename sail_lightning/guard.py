@@ -6,8 +6,9 @@ device: ``finite = isfinite(loss) & isfinite(total gradient norm)``. A fused Ada
 Lightning's ``*-mixed``, whose plugin refuses to clip a fused optimizer's gradients) reads it
 as ``found_inf`` and skips the update inside its kernel, as it does for a mixed-precision
 scaler: no weight, moment or step count moves. Other optimizers (and FSDP2's sharded
-parameters) get the verdict with one host sync, and a bad step's gradients are dropped (an optimizer skips a parameter without a gradient). Under
-DDP and FSDP the gradients are already reduced, so every rank takes the same decision.
+parameters) get the verdict with one host sync, and a bad step's gradients are dropped (an
+optimizer skips a parameter without a gradient). Under DDP and FSDP the gradients are already
+reduced, so every rank takes the same decision.
 
 Bad steps are counted on the device and read where the run syncs anyway (the logger's
 steps, the end of each epoch); then the run stops with an error that names what is known:

@@ -115,6 +115,8 @@ def chunked_head_logprobs(
 def _check_plain_head(model: nn.Module, head: nn.Module, hidden_last: Tensor,
                       logits_last: Tensor) -> None:
     """The model's logits must be its output layer's output, unchanged (checked once)."""
+    # A marker of ours on the model's own module (private so no model attribute clashes):
+    # the check below runs once per head.
     if getattr(head, "_sail_plain_head", False):
         return
     with torch.no_grad():

@@ -122,6 +122,8 @@ def head_modules(auto_class, name_or_path: str, *,
         if hasattr(auto_class, "_model_mapping"):  # an Auto class; a model class has no flag
             model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
         else:
+            # A model class's from_config is private in transformers (the Auto classes'
+            # is public); it is the only way to build one on the meta device from a config.
             model = auto_class._from_config(config)
     children = [name for name, _ in model.named_children()]
     if model.base_model_prefix not in children:

@@ -171,11 +171,6 @@ class SAILModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _label_generator(self, batch_idx: int) -> torch.Generator:
-        # Stateless: nothing to checkpoint, and no rank inherits another's stream on resume.
-        key = (self.hparams.label_seed, self.current_epoch, batch_idx, self.global_rank)
-        return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
-
     def on_train_epoch_end(self) -> None:
         self.guard.check(epoch=self.current_epoch, hparams=self.hparams)  # a sync per epoch
 
@@ -198,7 +193,8 @@ class SAILModule(L.LightningModule):
             coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
             response_term=hp.response_term, baseline=hp.baseline,
             grad_accum=self.trainer.accumulate_grad_batches,
-            generator=self._label_generator(batch_idx),
+            generator=_label_generator(hp.label_seed, self.current_epoch, batch_idx,
+                                       self.global_rank),
             loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
             win_chosen=batch.get("win_chosen"), win_rejected=batch.get("win_rejected"),
             routes=batch.get("routes_present"))
@@ -267,16 +263,9 @@ class SAILModule(L.LightningModule):
         if not self.logging_step():
             return
         self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
-        # Norm before clipping: what a dashboard needs to see a spike.
-        grads = [p.grad for p in self.pair.policy.parameters() if p.grad is not None]
-        if not grads:
-            return
-        # torch's total norm handles FSDP2's sharded (DTensor) gradients; Lightning's
-        # grad_norm utility does not.
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.log("train/grad_norm", norm)
+        norm = _grad_norm(self.pair.policy)  # before clipping: what shows a spike
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     # -- optimisation ----------------------------------------------------------------------
 
@@ -294,6 +283,22 @@ class SAILModule(L.LightningModule):
                                  num_training_steps=total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _label_generator(seed: int, epoch: int, batch_idx: int, rank: int) -> torch.Generator:
+    # Stateless: nothing to checkpoint, and no rank inherits another's stream on resume.
+    key = (seed, epoch, batch_idx, rank)
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
+    """The total 2-norm of the model's gradients (None without any). torch's total norm
+    handles FSDP2's sharded (DTensor) gradients; Lightning's grad_norm utility does not."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _as_dict(options: Any) -> Any:
@@ -321,7 +326,8 @@ def _validate(args: dict[str, Any]) -> None:
     if not args["lr"] > 0:  # also refuses NaN
         raise ValueError(f"model.lr must be > 0, got {args['lr']}")
     if not 0.0 <= args["label_smoothing"] < 0.5:
-        raise ValueError(f"model.label_smoothing must be in [0, 0.5), got {args['label_smoothing']}")
+        raise ValueError("model.label_smoothing must be in [0, 0.5), got "
+                         f"{args['label_smoothing']}")
     if args["loss_type"] != "sigmoid" and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
         raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
                          f"model.loss_type=sigmoid or the model.coef_* options to 0 "

@@ -194,11 +194,7 @@ class PolicyPair(nn.Module):
         sorts its own pairs, so sharded (FSDP) forwards still run in step.
         """
         collate = PreferenceCollator(self.pad_token_id)
-        order = list(range(len(pairs)))
-        if by_length:
-            order.sort(key=lambda i: len(pairs[i].prompt_ids) + max(
-                len(pairs[i].chosen_ids), len(pairs[i].rejected_ids),
-                len(pairs[i].bonus_ids or ())))
+        order = length_order(pairs) if by_length else list(range(len(pairs)))
         pol_out, ref_out = [], []
         was_training = self.policy.training
         self.policy.eval()
@@ -217,8 +213,7 @@ class PolicyPair(nn.Module):
                     pol_out.append(lp.view(k, -1).T.float().cpu())
         finally:
             self.policy.train(was_training)
-        back = torch.empty(len(order), dtype=torch.long)
-        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        back = torch.argsort(torch.tensor(order, dtype=torch.long))  # rows back in pairs' order
         pol = torch.cat(pol_out)[back] if policy else None
         return pol, torch.cat(ref_out)[back]
 
@@ -291,17 +286,28 @@ class PolicyPair(nn.Module):
         return {clean_key(n) for n, p in self.named_parameters() if p.requires_grad}
 
     def state_keys(self) -> list[str]:
-        """State-dict keys of the parameters and persistent buffers, without materialising
-        the state dict (which would gather sharded weights)."""
-        keys = []
-        for prefix, module in self.named_modules():
-            # torch keeps which buffers are persistent in this private set only.
-            skip = module._non_persistent_buffers_set
-            tensors = [*module.named_parameters(recurse=False),
-                       *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip)]
-            keys += [clean_key(f"{prefix}.{n}" if prefix else n) for n, t in tensors
-                     if t is not None]
-        return keys
+        """State-dict keys of the pair (``persistent_state_keys``)."""
+        return persistent_state_keys(self)
+
+
+def persistent_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the parameters and persistent buffers, without materialising the
+    state dict (which would gather sharded weights)."""
+    keys = []
+    for prefix, module in model.named_modules():
+        # torch keeps which buffers are persistent in this private set only.
+        skip = module._non_persistent_buffers_set
+        tensors = [*module.named_parameters(recurse=False),
+                   *((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip)]
+        keys += [clean_key(f"{prefix}.{n}" if prefix else n) for n, t in tensors
+                 if t is not None]
+    return keys
+
+
+def length_order(pairs: list[TokenizedPair]) -> list[int]:
+    """Indices of ``pairs`` sorted by their longest row (prompt + longest response)."""
+    return sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(
+        len(pairs[i].chosen_ids), len(pairs[i].rejected_ids), len(pairs[i].bonus_ids or ())))
 
 
 def clean_key(name: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -20,34 +19,19 @@ from sail_lightning.data.mixture import (
     EpochCounts,
     RoundPlan,
     bucket_by_length,
-    check_epoch_scaling,
     epoch_counts,
     plan_epoch,
     plan_round,
 )
 from sail_lightning.data.pool import OnlinePool
-from sail_lightning.data.records import (
-    PreferenceRecord,
-    ReadStats,
-    check_reading_options,
-    looks_like_path,
-    read_preference_records,
-    records_from_dicts,
-)
-from sail_lightning.data.tokenize import (
-    PreferenceCollator,
-    TokenizedPair,
-    check_unk_rate,
-    padded_length,
-    tokenize_and_filter,
-)
+from sail_lightning.data.prepare import SYNTHETIC_SOURCE, check_options, prepare_pairs
+from sail_lightning.data.records import PreferenceRecord
+from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, padded_length
 from sail_lightning.labellers import Labeller
 from sail_lightning.objectives import Route
 
 log = logging.getLogger("sail_lightning.data")
 
-SYNTHETIC_SOURCE = "synthetic"
-_BAD_RECORD_MODES = ("error", "skip")
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -135,7 +119,7 @@ class PreferenceDataModule(L.LightningDataModule):
         oracle: Labeller | None = None,
     ) -> None:
         super().__init__()
-        _validate(locals())  # bad options fail here, before any model is loaded
+        check_options(locals())  # bad options fail here, before any model is loaded
         # The oracle is an object: a checkpoint's hparams must load with weights_only=True.
         self.save_hyperparameters(ignore=["oracle"])
         self.oracle = oracle
@@ -151,68 +135,16 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read(self, source: str, split: str, limit: int | None) -> list[PreferenceRecord]:
-        hp = self.hparams
-        if source == SYNTHETIC_SOURCE:
-            from sail_lightning.synthetic import SyntheticTask
-
-            rows = SyntheticTask().make_pairs(hp.num_synthetic_pairs, seed=hp.seed)
-            records, stats = records_from_dicts(rows, "synthetic", fmt="prompt",
-                                                on_bad_record=hp.on_bad_record)
-        else:
-            records, stats = read_preference_records(source, split=split, fmt=hp.format,
-                                                     on_bad_record=hp.on_bad_record, limit=limit,
-                                                     preference=hp.preference, columns=hp.columns)
-        self._count(source, stats)
-        if not records:
-            raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")
-        return records
-
-    def _count(self, source: str, stats: ReadStats) -> None:
-        log.info("%s: %s", source, stats.summary())
-        self.stats["data/read"] = self.stats.get("data/read", 0) + stats.read
-        self.stats["data/kept"] = self.stats.get("data/kept", 0) + stats.kept
-        self.stats["data/skipped"] = self.stats.get("data/skipped", 0) + sum(stats.skipped.values())
-        self.stats["data/dropped"] = self.stats.get("data/dropped", 0) + sum(stats.dropped.values())
-
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if hp.pool_dir is None and getattr(self, "trainer", None) is not None:
             self.pool.directory = _run_dir(self.trainer, "rounds")  # new rounds go to this run
         if self.train_pairs is not None:
             return  # idempotent: Lightning may call setup once per stage
-        from sail_lightning.tokenizer import build_tokenizer
-
-        if hp.tokenizer is None:
-            raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer "
-                             "or model.model_name_or_path)")
-        self.tokenizer = build_tokenizer(hp.tokenizer)
-        records = self._read(hp.source, hp.split, hp.limit)
-        if hp.val_source:
-            train, val = records, self._read(hp.val_source, hp.val_split, None)
-        else:
-            g = torch.Generator().manual_seed(hp.seed)
-            order = torch.randperm(len(records), generator=g).tolist()
-            n_val = round(hp.val_fraction * len(records))
-            if hp.val_fraction > 0 and len(records) > 1:
-                n_val = max(1, n_val)
-            val = [records[i] for i in order[:n_val]]
-            train = [records[i] for i in order[n_val:]]
-        tok_args = (self.tokenizer, hp.max_prompt_length, hp.max_response_length)
-        cut = ReadStats()  # pairs left identical by truncation: dropped, records kept aligned
-        train, self.train_pairs = tokenize_and_filter(tok_args[0], train, *tok_args[1:], stats=cut)
-        val, self.val_pairs = tokenize_and_filter(tok_args[0], val, *tok_args[1:], stats=cut)
-        self.train_records = train
-        self.val_records = val  # text of the held-out pairs, for judges (evaluation.py)
-        self.stats["data/kept"] += cut.kept
-        self.stats["data/dropped"] += sum(cut.dropped.values())
-        sample = [t for r in train[:200] for t in (r.prompt, r.chosen, r.rejected)]
-        self.stats["data/unk_rate"] = check_unk_rate(self.tokenizer, sample,
-                                                     tokenizer_name=hp.tokenizer, source=hp.source)
-        _check_oracle(self.oracle, train[:1] or val[:1], hp.source)
-        self.fingerprint = _fingerprint(train)
-        self.stats.update({"data/train_pairs": len(train), "data/val_pairs": len(val)})
-        log.info("train pairs: %d, validation pairs: %d", len(train), len(val))
+        data = prepare_pairs(hp, self.oracle)  # read, split, tokenize, count, check
+        self.tokenizer, self.stats, self.fingerprint = data.tokenizer, data.stats, data.fingerprint
+        self.train_records, self.val_records = data.train_records, data.val_records
+        self.train_pairs, self.val_pairs = data.train_pairs, data.val_pairs
         if self._restored is not None:
             self._check_restored()
 
@@ -317,16 +249,6 @@ class PreferenceDataModule(L.LightningDataModule):
             )
 
 
-def _fingerprint(records: list[PreferenceRecord]) -> str:
-    h = hashlib.sha1()
-    for r in records:
-        h.update(r.prompt.encode())
-        h.update(b"\0")
-        h.update(r.chosen.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def _run_dir(trainer: L.Trainer, name: str) -> str:
     """``<trainer.log_dir>/<name>``: the run's own folder."""
     root = trainer.log_dir or trainer.default_root_dir
@@ -338,50 +260,4 @@ def _run_dir(trainer: L.Trainer, name: str) -> str:
         root = os.path.join(root, str(version))
     return os.path.join(root, name)
 
-
-def _validate(args: dict) -> None:
-    """Option errors name the option, and come before any model is loaded."""
-    on_bad_record, online_pairs, val_fraction = (args["on_bad_record"], args["online_pairs"],
-                                                 args["val_fraction"])
-    mix_dp, mix_pp, mix_pr = args["mix_dp"], args["mix_pp"], args["mix_pr"]
-    if on_bad_record not in _BAD_RECORD_MODES:
-        raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
-                         f"got {on_bad_record!r}")
-    check_reading_options(args["format"], args["preference"], args["columns"], prefix="data.")
-    for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"data.{name} must be in [0, 1], got {value}")
-    if mix_dp + mix_pp + mix_pr > 1.0 + 1e-9:
-        raise ValueError("data.mix_dp + data.mix_pp + data.mix_pr must be <= 1, got "
-                         f"{mix_dp} + {mix_pp} + {mix_pr}")
-    check_epoch_scaling(args["epoch_scaling"], mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr)
-    if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
-        raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
-                         "(training on online pairs alone)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    if args["length_buckets"] < 0:
-        raise ValueError(f"data.length_buckets must be >= 0, got {args['length_buckets']}")
-    for name in ("max_prompt_length", "max_response_length", "batch_size"):
-        if args[name] < 1:
-            raise ValueError(f"data.{name} must be >= 1, got {args[name]}")
-    for name in ("source", "val_source"):
-        path = args[name]
-        if path and looks_like_path(path) and not os.path.exists(os.path.expanduser(path)):
-            raise FileNotFoundError(f"data.{name}: no such file or folder: {path}")
-
-
-def _check_oracle(oracle: Labeller | None, records: list[PreferenceRecord], source: str) -> None:
-    """An oracle that cannot score this data fails now, naming ``data.oracle``, not at the
-    first round or evaluation (e.g. the synthetic task's oracle given real text)."""
-    if oracle is None or not records:
-        return
-    r = records[0]
-    try:
-        oracle.score([r.prompt], [r.chosen], messages=[r.messages])
-    except Exception as e:
-        raise ValueError(f"data.oracle ({type(oracle).__name__}) cannot score the records of "
-                         f"{source} ({r.location}: {e}); set data.oracle to this data's ground "
-                         "truth, or to null (then online pairs need the callback's labeller)"
-                         ) from e
 

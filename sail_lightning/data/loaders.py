@@ -56,9 +56,10 @@ class EpochView(Dataset):
 class ResumableDataLoader(DataLoader):
     """A DataLoader that resumes mid-epoch exactly: it skips the batches already trained on.
 
-    The position is the DataModule's (its :class:`EpochPosition`), not this loader's: Lightning restores a loader's own state only when it builds the loader after
-    the restore, which it does not in epoch 0 (``estimated_stepping_batches`` builds the loader
-    before the checkpoint is read, and epoch 0 never rebuilds it), so a loader-held position
+    The position is the DataModule's (its :class:`EpochPosition`), not this loader's:
+    Lightning restores a loader's own state only when it builds the loader after the restore,
+    which it does not in epoch 0 (``estimated_stepping_batches`` builds the loader before the
+    checkpoint is read, and epoch 0 never rebuilds it), so a loader-held position
     was dropped there. ``start_batch`` is asked lazily, at the first batch of each pass, by
     which time any checkpoint is restored.
 

@@ -70,3 +70,30 @@ def test_the_measured_corners_at_the_full_quickstart_were_finite():
         finite = [row["params"] for row in rows if row["finite"]]
         for corner in corners(load(name)):
             assert corner in finite, f"{name}: corner {corner} not measured finite"
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_corner_of_each_sweep_is_a_valid_method(name):
+    # MethodSpec refuses disagreeing options before training (a share of 0 with its weight
+    # > 0, for one): no corner of a shipped sweep may be such a setting.
+    import yaml
+
+    from benchmarks.sweep_stability import REPO
+    from sail_lightning.method import MethodSpec
+
+    sweep, args = load(name), command_args(load(name))
+    model, data, gen = {}, {}, None
+    for path in [args[i + 1] for i, a in enumerate(args) if a == "-c"]:
+        with open(f"{REPO}/{path}") as f:
+            cfg = yaml.safe_load(f)
+        model.update(cfg.get("model", {}))
+        data.update(cfg.get("data", {}))
+        if "callbacks" in cfg.get("trainer", {}):  # a later config's list replaces it
+            gen = next((cb.get("init_args", {}) for cb in cfg["trainer"]["callbacks"]
+                        if cb["class_path"].endswith("PairGenerationCallback")), None)
+    for corner in corners(sweep):
+        m, d = dict(model), dict(data)
+        for key, value in corner.items():
+            (m if key.startswith("model.") else d)[key.split(".", 1)[1]] = value
+        spec = MethodSpec.from_options(m, d, gen, "OracleLabeller" if gen is not None else None)
+        assert spec.conflicts() == [], (name, corner, spec.conflicts())

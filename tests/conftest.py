@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and tokenizers built locally (nothing is downloaded)."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,20 @@ TINY_CONFIG = {
     "max_position_embeddings": 64,
     "tie_word_embeddings": False,
 }
+
+
+# Loggers whose level the benchmarks' quiet() raises; a test that runs a benchmark must not
+# silence the warnings that later tests read (caplog saw nothing after one did).
+_QUIETED = ("sail_lightning", "lightning", "lightning.pytorch", "lightning.fabric",
+            "transformers", "accelerate", "trl", "datasets")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels():
+    levels = {name: logging.getLogger(name).level for name in _QUIETED}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")

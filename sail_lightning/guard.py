@@ -7,8 +7,11 @@ Lightning's ``*-mixed``, whose plugin refuses to clip a fused optimizer's gradie
 as ``found_inf`` and skips the update inside its kernel, as it does for a mixed-precision
 scaler: no weight, moment or step count moves. Other optimizers (and FSDP2's sharded
 parameters) get the verdict with one host sync, and a bad step's gradients are dropped (an
-optimizer skips a parameter without a gradient). Under DDP and FSDP the gradients are already
-reduced, so every rank takes the same decision.
+optimizer skips a parameter without a gradient). With more than one rank the verdicts are
+reduced (max) across ranks, so every rank takes the same decision (FSDP1's gradient shards
+and a rank's own loss differ between ranks). Under ``16-mixed`` the GradScaler owns
+non-finite gradients (it skips the step and lowers its scale, as an fp16 run expects), so
+the guard stands aside there.
 
 Bad steps are counted on the device and read where the run syncs anyway (the logger's
 steps, the end of each epoch); then the run stops with an error that names what is known:
@@ -51,7 +54,9 @@ class NonFiniteGuard:
                parts: Mapping[str, torch.Tensor] | None = None) -> None:
         """Called by the training step with its loss, the routes of its batch (host-side
         names) and, on logging steps, its loss parts (already synced there)."""
-        self._loss_finite = torch.isfinite(loss.detach())
+        finite = torch.isfinite(loss.detach())
+        # Accumulated micro-batches: the step is bad if any of its losses was.
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self._routes[step] = tuple(sorted(routes))
         while len(self._routes) > _HISTORY:
             self._routes.popitem(last=False)
@@ -65,17 +70,22 @@ class NonFiniteGuard:
         (FSDP1's flat parameters, not the module's views), reduced across ranks already."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        # Under DDP / FSDP the decision rests on the reduced gradients alone, the same on
-        # every rank (a rank's non-finite loss makes them non-finite): a rank-local loss
-        # flag could let one rank skip a step that another takes.
-        local = self._loss_finite if self._loss_finite is not None and world_size == 1 else None
-        finite = local if local is not None else torch.tensor(True)
+        finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
+        self._loss_finite = None  # the next step's micro-batches start afresh
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()  # FSDP2: a collective, not a host sync
             finite = finite.to(norm.device) & torch.isfinite(norm)
         bad = ~finite
+        dist = torch.distributed
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            # One verdict for all ranks: a rank's loss, and FSDP1's gradient shards, are its
+            # own; a rank skipping a step that another takes would split the weights. A
+            # collective on the device, not a host sync.
+            verdict = bad.long()
+            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+            bad = verdict.bool()
         if self.bad_steps is None:
             self.bad_steps = torch.zeros((), dtype=torch.long, device=bad.device)
             self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)

@@ -238,6 +238,8 @@ class SAILModule(L.LightningModule):
         """SFT: the chosen responses' NLL per token; logged as ``<stage>/loss``."""
         lp, counts = self.pair.chosen_logprobs(batch)
         loss = sft_loss(lp, counts)
+        if stage == "train":
+            self.guard.record(self.global_step, loss, ("sft",))
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=lp.shape[0], sync_dist=True)
         return loss
 
@@ -258,8 +260,10 @@ class SAILModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # A non-finite step never updates the weights; it is reported where the run syncs.
-        self.guard.before_optimizer_step(optimizer, self.global_step,
-                                         world_size=self.trainer.world_size)
+        # Under 16-mixed the GradScaler skips overflowing steps itself: an overflow is normal.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            self.guard.before_optimizer_step(optimizer, self.global_step,
+                                             world_size=self.trainer.world_size)
         if not self.logging_step():
             return
         self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
@@ -321,7 +325,7 @@ def _validate(args: dict[str, Any]) -> None:
         raise ValueError(f"model.beta must be > 0, got {args['beta']}")
     for name in ("coef_dp", "coef_pp", "coef_pr", "weight_decay", "bonus_alpha",
                  "logprob_chunk_size"):
-        if args[name] < 0:
+        if not args[name] >= 0:  # also refuses NaN
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
     if not args["lr"] > 0:  # also refuses NaN
         raise ValueError(f"model.lr must be > 0, got {args['lr']}")

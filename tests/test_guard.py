@@ -75,6 +75,35 @@ def test_unfused_optimizer_drops_a_bad_steps_gradients():
     assert torch.equal(p.data, torch.ones(3))
 
 
+def test_a_bad_first_micro_batch_makes_the_accumulated_step_bad():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    guard = NonFiniteGuard()
+    guard.record(0, torch.tensor(float("inf")), ("pr",))  # micro-batch 1 of 2
+    guard.record(0, torch.tensor(1.0), ("pr",))  # micro-batch 2: finite, must not hide it
+    p.grad = torch.ones(3)  # finite gradients
+    guard.before_optimizer_step(opt, 0)
+    assert p.grad is None and int(guard.bad_steps) == 1
+    guard.record(1, torch.tensor(1.0), ("pr",))  # the next step starts afresh
+    p.grad = torch.ones(3)
+    guard.before_optimizer_step(opt, 1)
+    assert p.grad is not None and int(guard.bad_steps) == 1
+
+
+def test_under_16_mixed_the_grad_scaler_owns_overflows():
+    class Plugin:  # Lightning's MixedPrecision("16-mixed") holds its GradScaler as .scaler
+        scaler = object()
+
+    m = module()
+    quiet = type("Connector", (), {"should_update_logs": False})()  # not a logging step
+    m.trainer = type("T", (), {"precision_plugin": Plugin(), "world_size": 1,
+                               "current_epoch": 0, "_logger_connector": quiet})()
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), float("inf"))  # an fp16 overflow: the scaler skips and rescales
+    m.on_before_optimizer_step(torch.optim.SGD([p], lr=0.1))
+    assert m.guard.bad_steps is None and p.grad is not None
+
+
 def test_fused_only_for_plain_float_tensors_outside_mixed_precision():
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 

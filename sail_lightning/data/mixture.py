@@ -105,7 +105,8 @@ def epoch_counts(n_offline: int, *, mix_dp: float, mix_pp: float, mix_pr: float,
     online = mix_pp + mix_pr
     if online >= 1.0 - 1e-9:
         total = int(online_pairs)
-        n_pp, n_pr = round(mix_pp * total), round(mix_pr * total)
+        n_pp = round(mix_pp * total)
+        n_pr = total - n_pp  # exactly online_pairs, whatever the rounding of the shares
         return EpochCounts(total=n_pp + n_pr, offline=0, dp=0, dpo=0, pp=n_pp, pr=n_pr, pairs=0)
     total = epoch_total(n_offline, mix_dp=mix_dp, mix_pp=mix_pp, mix_pr=mix_pr,
                         scaling=scaling)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def report(out: dict, path: str | None) -> dict:
+    """Saves ``out`` as JSON at ``path`` (if given) and prints it as the output's last line,
+    the one line a reader or a script takes the figures from."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def quiet() -> None:

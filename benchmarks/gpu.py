@@ -34,7 +34,6 @@ of stdout is one JSON object: ``device``, and ``train_tokens_per_second``, ``mfu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_utils import quiet, versions  # noqa: E402
+from benchmarks.bench_utils import quiet, report, versions  # noqa: E402
 from benchmarks.gpu_runs import RUNS, run_one  # noqa: E402
 
 QWEN25_05B = {
@@ -157,12 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "generation_tokens_per_second"):
         out[key] = {name: r[key] for name, r in out["runs"].items()}
     out["wall_seconds"] = time.perf_counter() - t0
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out), flush=True)
-    return out
+    return report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ The last line of stdout is one JSON object with ``step_ratio_vs_dpo`` (method ->
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -47,7 +46,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_utils import SyncCounter, bench_module, quiet, versions  # noqa: E402
+from benchmarks.bench_utils import (  # noqa: E402
+    SyncCounter,
+    bench_module,
+    quiet,
+    report,
+    versions,
+)
 
 SEED = 0
 TARGET = 1.05  # every SAIL step at most 5 % above DPO's
@@ -291,12 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{k} {v:.2f}" for k, v in out["round"]["ms_per_pair"].items()), flush=True)
     out["wall_seconds"] = time.perf_counter() - t0
     out["step_ratio_vs_dpo"] = {k: round(v, 4) for k, v in out["step_ratio_vs_dpo"].items()}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out), flush=True)
-    return out
+    return report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,7 @@ class SAILModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # A non-finite step never updates the weights; it is reported where the run syncs.
-        # Under 16-mixed the GradScaler skips overflowing steps itself: an overflow is normal.
+        # No non-finite step updates weights (under 16-mixed, the GradScaler's own job).
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             self.guard.before_optimizer_step(optimizer, self.global_step,
                                              world_size=self.trainer.world_size)

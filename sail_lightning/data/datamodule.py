@@ -145,6 +145,14 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer, self.stats, self.fingerprint = data.tokenizer, data.stats, data.fingerprint
         self.train_records, self.val_records = data.train_records, data.val_records
         self.train_pairs, self.val_pairs = data.train_pairs, data.val_pairs
+        counts = self.epoch_counts()
+        if counts.offline and counts.total > 3 * counts.pairs:
+            # dpo_updates puts every offline pair in as plain DPO and the shares on top: a
+            # large mix_dp + mix_pp + mix_pr makes epochs many times the data (a sweep's corner).
+            log.warning("an epoch holds %d examples, %.1fx the %d offline pairs "
+                        "(data.epoch_scaling=%s with data.mix_dp + mix_pp + mix_pr = %.2f)",
+                        counts.total, counts.total / counts.pairs, counts.pairs,
+                        hp.epoch_scaling, hp.mix_dp + hp.mix_pp + hp.mix_pr)
         if self._restored is not None:
             self._check_restored()
 

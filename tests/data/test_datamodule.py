@@ -164,3 +164,19 @@ def test_truncation_drops_and_unk_rate_are_counted(tmp_path, caplog):
         dm = make(source=str(english), val_fraction=0.0)
     assert dm.stats["data/unk_rate"] > 0.5
     assert "'synthetic'" in caplog.text and "english.jsonl" in caplog.text
+
+
+def test_an_epoch_many_times_the_data_is_warned(caplog):
+    # dpo_updates: 200 offline pairs as plain DPO, and 80% of the epoch on top: 5x.
+    big = PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=200, val_fraction=0,
+                               mix_dp=0.4, mix_pr=0.4)
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        big.setup("fit")
+    assert big.epoch_counts().total == 1000
+    assert any("1000 examples, 5.0x the 200 offline pairs" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sail_lightning.data"):
+        PreferenceDataModule(tokenizer="synthetic", num_synthetic_pairs=200, val_fraction=0,
+                             mix_pr=0.3).setup("fit")
+    assert not [r for r in caplog.records if "offline pairs" in r.getMessage()]

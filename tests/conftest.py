@@ -92,3 +92,15 @@ def one_process_dpo(tmp_path_factory):
 
     return run_cli(tmp_path_factory.mktemp("one_process"), "one", "dpo",
                    "--data.batch_size=8", "--trainer.enable_checkpointing=false")
+
+
+@pytest.fixture(scope="session")
+def judge_url(tmp_path_factory):
+    """The scripted OpenAI-protocol judge (tests/judge_server.py) on 127.0.0.1, for the
+    tests' session; stopped at its end."""
+    from tests.servers import free_port, running
+
+    port = free_port()
+    with running(["-m", "tests.judge_server", "--port", str(port)], port,
+                 tmp_path_factory.mktemp("logs") / "judge_server.log"):
+        yield f"http://127.0.0.1:{port}/v1"

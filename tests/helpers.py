@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -195,24 +196,23 @@ def fit(module, tmp_path, steps=2, epochs=1, ckpt_path=None, callbacks=(), **tra
     return trainer
 
 
-def run_cli(tmp_path, name: str, method: str, *args: str, callbacks: tuple = ()) -> dict:
-    """``sail-lightning fit`` of the quickstart with ``configs/method/<method>.yaml`` in a
-    subprocess, 2 epochs of 6 steps; each rank's ``DumpPool`` record (losses, pool...)."""
-    import subprocess
-    import sys
-
+def fit_command(tmp_path, name: str, method: str, *, trainer: dict | None = None,
+                callbacks: tuple = ()) -> tuple[Path, list[str]]:
+    """The run folder and the arguments after ``python -m sail_lightning`` of a ``fit`` of
+    the quickstart with ``configs/method/<method>.yaml``: 2 epochs of 6 steps, each rank's
+    ``DumpPool`` record under ``<run folder>/pool`` (read by ``dumped_pools``). ``trainer``
+    overrides the overlay's trainer options (the logger, say)."""
     import yaml
 
-    from tests.conftest import CONFIGS, REPO
+    from tests.conftest import CONFIGS
 
     root = tmp_path / name
     cfg = {"trainer": {
         "default_root_dir": str(root), "max_epochs": 2, "limit_train_batches": 6,
         "limit_val_batches": 2, "enable_progress_bar": False, "log_every_n_steps": 1,
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                   "init_args": {"save_dir": str(root), "name": "csv"}},
         "callbacks": [{"class_path": "tests.helpers.DumpPool",
-                       "init_args": {"path": str(root / "pool")}}, *callbacks]}}
+                       "init_args": {"path": str(root / "pool")}}, *callbacks],
+        **(trainer or {})}}
     if method != "dpo":
         cfg["trainer"]["callbacks"].insert(0, {
             "class_path": "sail_lightning.callbacks.PairGenerationCallback",
@@ -220,13 +220,33 @@ def run_cli(tmp_path, name: str, method: str, *args: str, callbacks: tuple = ())
                                                            "batch_size": 32}}})
     overlay = tmp_path / f"{name}.yaml"
     overlay.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "sail_lightning", "fit", "-c", str(CONFIGS / "quickstart.yaml"),
-           "-c", str(CONFIGS / "method" / f"{method}.yaml"), "-c", str(overlay),
-           "--data.num_synthetic_pairs=400", *args]
+    return root, ["fit", "-c", str(CONFIGS / "quickstart.yaml"),
+                  "-c", str(CONFIGS / "method" / f"{method}.yaml"), "-c", str(overlay),
+                  "--data.num_synthetic_pairs=400"]
+
+
+def dumped_pools(root: Path) -> dict:
+    """Each rank's ``DumpPool`` record of a ``fit_command`` run, by rank."""
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in (root / "pool").glob("rank*.json")}
+
+
+def run_cli(tmp_path, name: str, method: str, *args: str, callbacks: tuple = ()) -> dict:
+    """``fit_command`` in a subprocess (CSV logs under the run folder); each rank's
+    ``DumpPool`` record (losses, pool...)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(tmp_path / name), "name": "csv"}}
+    root, fit_args = fit_command(tmp_path, name, method, trainer={"logger": logger},
+                                 callbacks=callbacks)
+    cmd = [sys.executable, "-m", "sail_lightning", *fit_args, *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    return {int(p.stem[4:]): json.loads(p.read_text()) for p in (root / "pool").glob("rank*.json")}
+    return dumped_pools(root)
 
 
 def assert_ranks_average_to(one: list[float], two: dict) -> None:

@@ -70,16 +70,6 @@ def test_validate_command_reports_the_evaluation(tmp_path):
         assert key in keys, key
 
 
-@pytest.fixture(scope="module")
-def judge_url(tmp_path_factory):
-    from tests.servers import free_port, running
-
-    port = free_port()
-    with running(["-m", "tests.judge_server", "--port", str(port)], port,
-                 tmp_path_factory.mktemp("logs") / "judge_server.log"):
-        yield f"http://127.0.0.1:{port}/v1"
-
-
 def test_a_pairwise_judge_gives_the_win_rate_against_chosen(judge_url):
     """A JudgeLabeller behind the OpenAI chat-completions protocol (the scripted judge on
     127.0.0.1 prefers the response with more words) judges an SFT policy, which has no

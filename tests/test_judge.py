@@ -14,19 +14,11 @@ from sail_lightning.labellers.judge import (
     parse_verdict,
     render_prompt,
 )
-from tests.servers import free_port, running
+from tests.servers import free_port
 
 
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    port = free_port()
-    with running(["-m", "tests.judge_server", "--port", str(port)], port,
-                 tmp_path_factory.mktemp("logs") / "judge_server.log"):
-        yield f"http://127.0.0.1:{port}/v1"
-
-
-def judge(base_url, **kwargs):
-    return JudgeLabeller("scripted", base_url=base_url, require_api_key=False, timeout=10,
+def judge(judge_url, **kwargs):
+    return JudgeLabeller("scripted", base_url=judge_url, require_api_key=False, timeout=10,
                          max_retries=0, **kwargs)
 
 
@@ -40,13 +32,13 @@ def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
 
-def test_both_orders_ties_unparsed_and_usage(base_url, caplog):
+def test_both_orders_ties_unparsed_and_usage(judge_url, caplog):
     # The scripted judge prefers the longer response; BIASED prompts always get "A" (a
     # position bias, which the second order cancels); GARBLE gets no verdict.
     prompts = ["p1", "p2", "p3", "p4 BIASED", "p5"]
     a = ["one two three", "one", "one two", "one", "one GARBLE"]
     b = ["one", "one two three", "uno dos", "one two three", "one"]
-    j = judge(base_url)
+    j = judge(judge_url)
     outcome = j.compare(prompts, a, b)
     assert outcome.tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]
     stats = j.stats()
@@ -66,20 +58,20 @@ def test_both_orders_ties_unparsed_and_usage(base_url, caplog):
     assert set(j.stats().values()) == {0}
 
 
-def test_label_resolves_ties_to_a_or_by_seeded_draw(base_url):
+def test_label_resolves_ties_to_a_or_by_seeded_draw(judge_url):
     prompts = [f"p{i}" for i in range(12)]
     same = ["one two"] * 12  # equal lengths: every pair a tie
-    assert judge(base_url).label(prompts, same, same).a_preferred.all()
-    draws = [judge(base_url, tie_break="random", seed=7).label(prompts, same, same).a_preferred
+    assert judge(judge_url).label(prompts, same, same).a_preferred.all()
+    draws = [judge(judge_url, tie_break="random", seed=7).label(prompts, same, same).a_preferred
              for _ in range(2)]
     assert torch.equal(draws[0], draws[1]) and 0 < int(draws[0].sum()) < 12
-    labels = judge(base_url, tie_break="random").label(["x", "y"], ["a b", "a"], ["a", "a b"])
+    labels = judge(judge_url, tie_break="random").label(["x", "y"], ["a b", "a"], ["a", "a b"])
     assert labels.a_preferred.tolist() == [True, False] and labels.scores_a is None
-    assert judge(base_url).score(["x"], ["a"]) is None  # no scores: compare() gives win rates
+    assert judge(judge_url).score(["x"], ["a"]) is None  # no scores: compare() gives win rates
 
 
-def test_messages_are_what_the_judge_reads(base_url):
-    j = judge(base_url)
+def test_messages_are_what_the_judge_reads(judge_url):
+    j = judge(judge_url)
     turns = [[("system", "be brief"), ("user", "p BIASED")], [("user", "p")]]
     # BIASED reaches the judge only through the rendered turns of the first pair.
     assert j.compare(["p", "p"], ["one", "one"], ["one two", "one two"],
@@ -89,9 +81,9 @@ def test_messages_are_what_the_judge_reads(base_url):
     assert render_prompt("t", turns[0]) == "system: be brief\nuser: p BIASED"
 
 
-def test_server_error_raises_naming_the_api(base_url):
-    j = judge(base_url)
-    with pytest.raises(RemoteServiceError, match=rf"judge 'scripted' at {base_url} failed"):
+def test_server_error_raises_naming_the_api(judge_url):
+    j = judge(judge_url)
+    with pytest.raises(RemoteServiceError, match=rf"judge 'scripted' at {judge_url} failed"):
         j.compare(["ok", "CRASH"], ["a", "a"], ["b", "b"])
     assert j.stats()["judge_pairs"] == 0  # nothing counted: the call failed whole
 

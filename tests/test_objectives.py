@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_utils import SyncCounter  # the benchmark's own counter
 from sail_lightning.objectives import Route, dpo_loss, exploration_bonus, margin, sail_loss
 
 BETA = 0.1
@@ -235,24 +236,6 @@ def test_exploration_bonus_forms_and_equivalence():
         exploration_bonus(policy, ref, alpha=1.0, beta=1.0, form="other")
 
 
-class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that sync with the host on an accelerator: a tensor read as a Python
-    scalar (``bool(t)``, ``.item()``) and boolean-mask indexing (a data-dependent shape)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default or func in (
-                torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default):
-            self.syncs += 1
-        elif func is torch.ops.aten.index.Tensor and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("form,baseline", [("score_function", "none"),
                                            ("score_function", "mean"),
                                            ("released_code", "none")])
@@ -261,7 +244,7 @@ def test_metrics_off_gives_the_same_loss_and_gradient_without_their_syncs(form, 
 
     def run(metrics, routes=route):
         lp = random_logps(len(routes), seed=4)
-        with _SyncCounter() as counter:
+        with SyncCounter() as counter:
             loss, m = sail_loss(*lp, routes, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
                                 response_term=form, baseline=baseline, grad_accum=2,
                                 generator=torch.Generator().manual_seed(1), metrics=metrics)
@@ -292,7 +275,7 @@ def test_routes_present_removes_the_loss_syncs_bit_for_bit(form, baseline, rows)
 
     def run(routes):
         lp = random_logps(len(rows), seed=5)
-        with _SyncCounter() as counter:
+        with SyncCounter() as counter:
             loss, _ = sail_loss(*lp, route, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
                                 response_term=form, baseline=baseline, grad_accum=2,
                                 generator=torch.Generator().manual_seed(1), metrics=False,

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -40,6 +38,8 @@ import torch
 # The checkout this script is in, first: its sail_lightning and benchmarks package are the
 # ones measured, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_utils import quiet  # noqa: E402
 
 SEED = 0
 LR = 1e-3  # both sides; a tiny random-init model (as in configs/quickstart.yaml)
@@ -83,17 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def _quiet() -> None:
-    """Keeps stdout for the report: library chatter goes to stderr or is silenced."""
-    for name in ("lightning.pytorch", "lightning.fabric", "sail_lightning", "transformers",
-                 "accelerate", "trl", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*in eval mode.*",
-                    ".*max_new_tokens.*", ".*experimental.*", ".*TRL.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # -- shared models and prompts -------------------------------------------------------------
@@ -323,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from benchmarks.round_grid import run_grid
 
         return run_grid(args, main)
-    _quiet()
+    quiet()
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {"speedup_vs_trl": None, "generation_share": None,
                            "ours_seconds": None, "trl_seconds": None, "pairs": args.pairs,

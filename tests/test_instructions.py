@@ -159,7 +159,7 @@ def test_the_prompt_sets_are_packaged_and_can_be_read_from_a_folder(tmp_path):
 
     assert len(read_instructions("alpaca_eval")) == 805
     assert len(read_instructions("vicuna")) == 80
-    assert len(read_instructions("ultrafeedback")) == 1000
+    assert len(read_instructions("ultrafeedback")) == 668  # those of <= 100 words, of 1000
     import shutil
 
     shutil.copy(samples.path("vicuna-bench"), tmp_path)
@@ -229,3 +229,13 @@ def test_the_oracles_bradley_terry_draws_follow_the_margin_and_its_seed():
     assert torch.equal(draws, again)
     sharp = InstructionsOracle(seed=0).label(prompts[:3], a[:3], b[:3]).a_preferred
     assert sharp.tolist() == [True, False, True]  # temperature 0.1: margins of 0.5 and 1
+
+
+def test_the_doc_lists_every_constraint_as_the_prompt_states_it():
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "instructions_task.md").read_text()
+    for kind, spec in KINDS.items():
+        placeholder = "N" if spec.values and isinstance(spec.values[0], int) else "X"
+        sentence = spec.template.replace("{v}", placeholder)
+        assert f"| `{kind}` | {sentence} |" in doc, kind

@@ -1,6 +1,6 @@
 """The instructions task: real instructions with verifiable constraints, an exact reward.
 
-Prompts are real instructions (AlpacaEval's 805, Vicuna-Bench's 80 questions, the prompts of
+Prompts are real instructions (AlpacaEval's 805, Vicuna-Bench's 80 questions, 668 prompts of
 1000 UltraFeedback pairs; packaged in ``sail_lightning/data/samples``), each followed by a
 blank line and one to three IFEval-style constraints (``constraints.py``), drawn
 deterministically from the task's seed and the instruction's text. The reward of a response

@@ -20,8 +20,8 @@ _FOLDER = Path(__file__).resolve().parent
 #: name -> file: 200 UltraFeedback-binarized pairs (prompt/chosen/rejected text) and the
 #: first 100 HH-RLHF helpful-base test dialogues (whole-dialogue chosen/rejected), both MIT;
 #: the prompt sets of the instructions task (``sail_lightning.instructions``): AlpacaEval's
-#: 805 instructions (CC BY-NC 4.0), Vicuna-Bench's 80 questions (Apache-2.0) and the prompts
-#: of 1000 UltraFeedback pairs (MIT). Prompt sets are not preference pairs.
+#: 805 instructions (CC BY-NC 4.0), Vicuna-Bench's 80 questions (Apache-2.0) and the 668
+#: prompts of at most 100 words of 1000 UltraFeedback pairs (MIT). Not preference pairs.
 SAMPLES = {
     "ultrafeedback": "ultrafeedback.jsonl.gz",
     "hh-rlhf": "hh-rlhf-helpful-base.jsonl.gz",

@@ -239,3 +239,22 @@ def test_the_doc_lists_every_constraint_as_the_prompt_states_it():
         placeholder = "N" if spec.values and isinstance(spec.values[0], int) else "X"
         sentence = spec.template.replace("{v}", placeholder)
         assert f"| `{kind}` | {sentence} |" in doc, kind
+
+
+def test_the_oracle_and_its_task_are_built_from_yaml_as_the_cli_builds_labellers():
+    from jsonargparse import ArgumentParser
+
+    from sail_lightning.labellers import Labeller
+
+    parser = ArgumentParser()
+    parser.add_argument("--labeller", type=Labeller)
+    cfg = parser.parse_string("""
+labeller:
+  class_path: sail_lightning.instructions.InstructionsOracle
+  init_args:
+    task: {seed: 2, min_response_words: 5, prompt_sets: [vicuna]}
+    sample: false
+""")
+    oracle = parser.instantiate(cfg).labeller
+    assert isinstance(oracle, InstructionsOracle) and not oracle.sample
+    assert oracle.task == InstructionsTask(seed=2, min_response_words=5, prompt_sets=("vicuna",))

@@ -126,6 +126,16 @@ def test_answers_that_loop_are_penalised():
     assert TASK.score([prompt], [story]).item() == 1.0
 
 
+def test_an_answer_that_echoes_the_constraints_scores_zero():
+    cs = [Constraint("title"), Constraint("placeholders", 1)]
+    prompt = render("Write about spring.", cs)
+    echo = "Sure. " + " ".join(c.text() for c in cs) + " Spring is a season of new growth."
+    assert all(c.check(echo) for c in cs)  # the sentences' own examples meet both
+    assert TASK.score([prompt], [echo]).tolist() == [0.0]
+    answer = "<<spring>> Spring brings [flowers] and longer days to the northern half."
+    assert TASK.score([prompt], [answer]).tolist() == [1.0]
+
+
 # -- prompts, splits, determinism --------------------------------------------------------
 
 def test_splits_are_disjoint_and_the_heldout_set_has_at_least_128_prompts():
@@ -187,12 +197,13 @@ def test_every_assigned_combination_can_be_met_and_each_constraint_broken():
 
 
 def test_built_pairs_prefer_the_response_that_meets_more():
-    rows = TASK.make_pairs("heldout", limit=40)
-    assert [r["prompt"] for r in rows] == TASK.heldout_prompts[:40]
-    chosen = TASK.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    rejected = TASK.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    assert (chosen == 1.0).all() and (rejected < 1.0).all()
-    assert rows == TASK.make_pairs("test", limit=40)  # deterministic; "test" is held out
+    for split in ("train", "heldout"):
+        rows = TASK.make_pairs(split)
+        assert [r["prompt"] for r in rows] == TASK.prompts(split)
+        chosen = TASK.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+        rejected = TASK.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+        assert (chosen == 1.0).all() and (rejected < 1.0).all()
+    assert TASK.make_pairs("heldout", limit=40) == TASK.make_pairs("test", limit=40)
 
 
 # -- the oracle labeller -----------------------------------------------------------------

@@ -185,8 +185,18 @@ class InstructionsTask:
             factor *= min(1.0, distinct / self.min_distinct)
         return factor
 
+    def reward(self, prompt: str, response: str) -> float:
+        """One response's reward: constraint rate times :meth:`safeguard`; 0 for a response
+        that repeats one of its prompt's constraint sentences verbatim (an echo of the
+        prompt meets ``title`` and ``placeholders`` with the sentences' own examples)."""
+        constraints = parse_constraints(prompt)
+        if any(c.text() in response for c in constraints):
+            return 0.0
+        met = sum(c.check(response) for c in constraints) / len(constraints)
+        return met * self.safeguard(response)
+
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """The exact reward: constraint rate times :meth:`safeguard`, in [0, 1].
+        """The exact reward (:meth:`reward`) of each response, in [0, 1].
 
         Args:
             prompts: Prompts made by this task (or any text ending in a constraint block
@@ -201,8 +211,7 @@ class InstructionsTask:
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return torch.tensor([self.constraint_rate(p, r) * self.safeguard(r)
-                             for p, r in zip(prompts, responses, strict=True)],
+        return torch.tensor([self.reward(p, r) for p, r in zip(prompts, responses, strict=True)],
                             dtype=torch.float32)
 
     def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],

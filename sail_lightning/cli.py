@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
@@ -47,6 +48,34 @@ def _tokenizer_name(model_name_or_path: str | None, tokenizer: str | None) -> st
     return tokenizer or model_name_or_path
 
 
+_PYTHONPATH_HINT = ("a module in a folder of your own needs that folder on PYTHONPATH, e.g. "
+                    "PYTHONPATH=examples sail-lightning fit ...")
+_NO_MODULE = re.compile(r"No module named '([^']+)'")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':\s*No module named '([^']+)'")
+
+
+def _import_hint(message: str) -> str | None:
+    """The one line that matters in jsonargparse's report of an unimportable class or
+    function (a user's labeller without PYTHONPATH), or None for other errors."""
+    if "PYTHONPATH" in message:  # resolve_callable's own message: its first line says it all
+        return next(line.strip() for line in message.splitlines() if "PYTHONPATH" in line)
+    if match := _CLASS_PATH.search(message):
+        return (f"cannot import class_path {match[1]!r}: no module named {match[2]!r} "
+                f"({_PYTHONPATH_HINT})")
+    if match := _NO_MODULE.search(message):
+        return f"no module named {match[1]!r} ({_PYTHONPATH_HINT})"
+    return None
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """Ends a parse error about an unimportable module with the line saying so: jsonargparse
+    reports it deep inside a tree of union alternatives (line 40 of 150)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        hint = _import_hint(message)
+        return super().error(f"{message}\n{hint}" if hint else message, ex)
+
+
 class SAILCLI(LightningCLI):
     """LightningCLI with the commands that work for this library (``fit``, ``validate``)."""
 
@@ -81,6 +110,20 @@ class SAILCLI(LightningCLI):
         # One tokenizer per run: the model's, handed to the data.
         parser.link_arguments(("model.model_name_or_path", "model.tokenizer"), "data.tokenizer",
                               compute_fn=_tokenizer_name)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            # A labeller's `fn: "my_module:score"` fails here, the helpful ImportError at the
+            # bottom of a chain of jsonargparse's union errors: raise it alone, last.
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, ImportError):
+                cause = cause.__cause__ or cause.__context__
+            hint = _import_hint(str(cause)) if cause is not None else None
+            if hint is None:
+                raise
+            raise ImportError(hint) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -137,6 +180,7 @@ def main(args: list[str] | None = None) -> None:
         PreferenceDataModule,
         seed_everything_default=0,  # an explicit seed: two runs of one config match
         save_config_kwargs={"overwrite": True},
+        parser_class=_ArgumentParser,
         parser_kwargs={"prog": "sail-lightning", "description": DESCRIPTION,
                        "formatter_class": _HelpFormatter},
         args=args,

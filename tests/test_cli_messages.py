@@ -1,0 +1,45 @@
+"""What the CLI says when a first run goes wrong: the line that matters last, every command
+in the help, no option ignored silently."""
+
+import pytest
+
+from sail_lightning.cli import main
+from tests.conftest import CONFIGS
+
+QUICK = str(CONFIGS / "quickstart.yaml")
+
+
+def _labeller_config(tmp_path, labeller: str) -> str:
+    path = tmp_path / "labeller.yaml"
+    path.write_text(f"""\
+trainer:
+  callbacks:
+    - class_path: sail_lightning.callbacks.PairGenerationCallback
+      init_args:
+        pair_mode: two_samples
+        labeller: {labeller}
+""")
+    return str(path)
+
+
+def test_unimportable_labeller_class_ends_the_parse_error(tmp_path, capsys):
+    """A class of one's own without PYTHONPATH: the parse error's last line says so."""
+    config = _labeller_config(tmp_path, "{class_path: no_such_labellers_mod.MyLabeller}")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", QUICK, "-c", config, f"--trainer.default_root_dir={tmp_path}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot import class_path 'no_such_labellers_mod.MyLabeller'" in last
+    assert "no module named 'no_such_labellers_mod'" in last and "PYTHONPATH" in last
+
+
+def test_unimportable_labeller_function_is_raised_alone(tmp_path):
+    """`CallableLabeller(fn="my_module:score")` fails as the classes are built: its own
+    ImportError, not the union errors jsonargparse wraps it in (150 lines, it at line 40)."""
+    config = _labeller_config(
+        tmp_path, "{class_path: sail_lightning.labellers.CallableLabeller, "
+                  "init_args: {fn: 'no_such_labeller_mod:score'}}")
+    with pytest.raises(ImportError) as error:
+        main(["fit", "-c", QUICK, "-c", config, f"--trainer.default_root_dir={tmp_path}"])
+    assert "cannot import module 'no_such_labeller_mod'" in str(error.value)
+    assert "PYTHONPATH" in str(error.value)
+    assert error.value.__cause__ is None and error.value.__suppress_context__

@@ -43,3 +43,14 @@ def test_unimportable_labeller_function_is_raised_alone(tmp_path):
     assert "cannot import module 'no_such_labeller_mod'" in str(error.value)
     assert "PYTHONPATH" in str(error.value)
     assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_online_pairs_below_a_full_mixture_is_not_ignored_silently(recwarn):
+    from tests.helpers import datamodule
+
+    with pytest.warns(UserWarning, match=r"data.online_pairs=64 is ignored.*data.mix_pp \+ "
+                                         r"data.mix_pr = 1 \(here 0.3\)"):
+        datamodule(setup=False, mix_pr=0.3, online_pairs=64)
+    recwarn.clear()
+    datamodule(setup=False, mix_pr=1.0, online_pairs=64)  # it sets the epoch's size here
+    assert not [w for w in recwarn if "online_pairs" in str(w.message)]

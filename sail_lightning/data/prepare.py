@@ -136,6 +136,16 @@ def check_options(args: Mapping[str, Any]) -> None:
     if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
         raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
                          "(training on online pairs alone)")
+    if online_pairs and mix_pp + mix_pr < 1.0 - 1e-9:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        # Below 1 the offline pairs set the epoch's size (data.epoch_scaling): said, since
+        # the option reads as if it set the number of online pairs.
+        rank_zero_warn(
+            f"data.online_pairs={online_pairs} is ignored: it sets an epoch's size only when "
+            f"data.mix_pp + data.mix_pr = 1 (here {mix_pp + mix_pr:g}); below 1 the online "
+            "pairs are a share of an epoch sized by the offline pairs (data.epoch_scaling). "
+            "Unset it, or set the mixture to 1 to train on online pairs alone")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     if args["length_buckets"] < 0:

@@ -54,3 +54,31 @@ def test_online_pairs_below_a_full_mixture_is_not_ignored_silently(recwarn):
     recwarn.clear()
     datamodule(setup=False, mix_pr=1.0, online_pairs=64)  # it sets the epoch's size here
     assert not [w for w in recwarn if "online_pairs" in str(w.message)]
+
+
+def test_no_too_long_warning_for_texts_that_are_cut_anyway(synthetic_tokenizer):
+    """transformers warns "Token indices sequence length is longer than the specified maximum
+    ... will result in indexing errors" for ids past ``model_max_length``; prompts and
+    responses are cut to data.max_*_length right after, so that warning only alarms."""
+    import copy
+
+    from sail_lightning.data.formats import PreferenceRecord
+    from sail_lightning.data.tokenize import encode_prompts, encode_responses
+
+    key = "sequence-length-is-longer-than-the-specified-maximum"
+    tok = copy.deepcopy(synthetic_tokenizer)
+    tok.model_max_length = 4
+    long = " ".join(["1 + 2 ="] * 5)
+    record = PreferenceRecord(prompt=long, messages=(("user", long),), chosen="3",
+                              rejected="4", location="test:1")
+    assert len(encode_prompts(tok, [record], 3)[0]) == 3
+    assert len(encode_responses(tok, [long], 3)[0]) == 3
+    assert not tok.deprecation_warnings.get(key)
+    from sail_lightning.labellers import RewardModelLabeller
+
+    labeller = RewardModelLabeller("unused", max_length=3, progress=False)
+    labeller.tokenizer = tok  # _encode only needs the tokenizer
+    assert len(labeller._encode(long, long, None)) == 3
+    assert not tok.deprecation_warnings.get(key)
+    tok(long)  # the check does fire on a call that does not cut
+    assert tok.deprecation_warnings.get(key)

@@ -59,10 +59,12 @@ def encode_prompts(
         texts = [tokenizer.apply_chat_template(
             [{"role": role, "content": content} for role, content in r.messages],
             add_generation_prompt=True, tokenize=False) for r in records]
-        # The template already holds any bos token: do not add it twice.
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # The template already holds any bos token: do not add it twice. verbose=False: no
+        # "sequence length is longer than ... indexing errors" warning, the ids are cut here.
+        ids = (tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+               if texts else [])
     else:
-        ids = tokenizer([r.prompt for r in records])["input_ids"] if records else []
+        ids = tokenizer([r.prompt for r in records], verbose=False)["input_ids"] if records else []
     return [x[-max_length:] for x in ids]
 
 
@@ -73,7 +75,7 @@ def encode_responses(tokenizer, texts: Sequence[str], max_length: int) -> list[l
     if getattr(tokenizer, "chat_template", None):
         # Chat templates render assistant turns trimmed; raw HH keeps "Assistant: reply".
         texts = [t.lstrip() for t in texts]
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]  # cut here
     return [(x + [tokenizer.eos_token_id])[:max_length] for x in ids]
 
 
@@ -156,7 +158,7 @@ def unk_rate(tokenizer, texts: Sequence[str]) -> float:
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not texts:
         return 0.0
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     total = sum(len(x) for x in ids)
     return sum(x.count(unk) for x in ids) / total if total else 0.0
 

@@ -19,12 +19,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 
 
-def prompt_response_ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
+def prompt_response_ids(tokenizer: Any, prompt: str, response: str,
+                        verbose: bool = True) -> list[int]:
     """A reward model's input without a chat template: the prompt's ids (with any bos), then
     the response's. Also how ``experiments`` trains its reward model, so training and
-    scoring see the same input."""
-    return (tokenizer(prompt)["input_ids"]
-            + tokenizer(response, add_special_tokens=False)["input_ids"])
+    scoring see the same input. ``verbose=False``: no warning about ids longer than the
+    tokenizer's ``model_max_length`` (for a caller that cuts them)."""
+    return (tokenizer(prompt, verbose=verbose)["input_ids"]
+            + tokenizer(response, add_special_tokens=False, verbose=verbose)["input_ids"])
 
 
 class RewardModelLabeller(ScoringLabeller):
@@ -150,14 +152,17 @@ class RewardModelLabeller(ScoringLabeller):
 
     def _encode(self, prompt: str, response: str, turns: Sequence[tuple[str, str]] | None) -> list:
         tok = self.tokenizer
+        # The ids are cut to max_length below: transformers' warning that they exceed the
+        # model's length is then only noise, unless max_length itself exceeds it.
+        verbose = self.max_length > (getattr(tok, "model_max_length", None) or float("inf"))
         if turns is not None and getattr(tok, "chat_template", None):
             chat = [*({"role": r, "content": c} for r, c in turns),
                     {"role": "assistant", "content": response}]
             text = tok.apply_chat_template(chat, tokenize=False)
             # The rendered text already holds any bos token: do not add it twice.
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False, verbose=verbose)["input_ids"]
         else:
-            ids = prompt_response_ids(tok, prompt, response)
+            ids = prompt_response_ids(tok, prompt, response, verbose=verbose)
         return ids[-self.max_length :]
 
     @torch.no_grad()

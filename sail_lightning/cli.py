@@ -99,6 +99,9 @@ class SAILCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
+        # What the command line itself gives (not the config files): see _follow_the_model.
+        self._command_line = list(sys.argv[1:] if args is None else
+                                  args if isinstance(args, (list, tuple)) else [])
         super().parse_arguments(parser, args)
         # An empty or cut-off checkpoint fails now, naming it: LightningCLI reads the
         # checkpoint's hparams next, where torch.load would raise a bare EOFError.
@@ -127,11 +130,48 @@ class SAILCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        _follow_the_model(config, getattr(self, "_command_line", []))
         # The module's hparams come from this config under the CLI: name the tokenizer the
         # data was given, or Lightning refuses the two hparams (same key, different values).
         config.model.tokenizer = _tokenizer_name(config.model.model_name_or_path,
                                                  config.model.tokenizer)
         _place_logs(config)
+
+
+def _follow_the_model(config: Any, command_line: list[str]) -> None:
+    """``model.tokenizer: synthetic`` is the quickstart's tokenizer for its fresh
+    ``model_config`` model; a model given by path on top of the quickstart
+    (``--model.model_config=null --model.model_name_or_path=PATH``) takes its own tokenizer
+    instead, with a warning, unless the command line names ``--model.tokenizer``. A local
+    folder without tokenizer files keeps it (the vocabulary check then refuses a mismatch)."""
+    import os
+
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from sail_lightning.tokenizer import SYNTHETIC_TOKENIZER, build_tokenizer
+
+    model = config.model
+    path = model.model_name_or_path
+    if not path or model.model_config is not None or model.tokenizer != SYNTHETIC_TOKENIZER:
+        return
+    if any(a == "--model.tokenizer" or a.startswith("--model.tokenizer=") for a in command_line):
+        return  # asked for on the command line: kept
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not any(os.path.exists(os.path.join(local, f))
+                   for f in ("tokenizer.json", "tokenizer_config.json")):
+            return
+        # A quickstart model saved with its tokenizer (export, the README's round trip):
+        # the same vocabulary, nothing to change or say.
+        if build_tokenizer(local).get_vocab() == build_tokenizer(SYNTHETIC_TOKENIZER).get_vocab():
+            return
+    rank_zero_warn(
+        f"model.tokenizer: {SYNTHETIC_TOKENIZER!r} (the quickstart's, for its fresh "
+        f"model_config) replaced by the tokenizer of model.model_name_or_path={path!r}; "
+        f"pass --model.tokenizer={SYNTHETIC_TOKENIZER} to keep it, or another name or path")
+    model.tokenizer = None
+    if "tokenizer" in config.data:
+        config.data.tokenizer = path
 
 
 def _place_logs(config: Any) -> None:

@@ -196,6 +196,27 @@ def build_causal_lm(
     return load_pretrained(AutoModelForCausalLM, name_or_path, dtype, quantization)
 
 
+def check_vocabulary(model: nn.Module, tokenizer, *, model_name: str,
+                     tokenizer_name: str | None) -> None:
+    """Refuses a tokenizer whose ids the model cannot embed, naming both sizes, before any
+    step: otherwise the first forward fails deep in the embedding with a bare ``IndexError:
+    index out of range in self`` (e.g. the quickstart's ``tokenizer: synthetic`` left set for
+    a model given by path, or another model family's tokenizer).
+
+    Raises:
+        ValueError: ``len(tokenizer)`` exceeds the model's input embedding rows.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    raise ValueError(
+        f"model.tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model "
+        f"{model_name} embeds only {rows} (its vocab_size): ids from {rows} up would fail in "
+        "the embedding. Use the model's own tokenizer (model.tokenizer: null, or the folder "
+        "the model was saved with), or a model whose vocabulary covers this tokenizer")
+
+
 def _no_cpu_inference_repack(model: nn.Module) -> nn.Module:
     """Keeps 4-bit weights in their training layout on CPUs with AVX512-BF16.
 

@@ -23,6 +23,7 @@ from sail_lightning.models import (
     LoraOptions,
     add_lora,
     build_causal_lm,
+    check_vocabulary,
     freeze,
     frozen_copy,
     prepare_quantized,
@@ -331,6 +332,8 @@ def build_policy_pair(options: Mapping[str, Any], tokenizer: Any, *,
     quant = resolve_quantization(options["quantization"])
     policy = build_causal_lm(options["model_name_or_path"], options["model_config"], tokenizer,
                              dtype, options["init_seed"], quant)
+    check_vocabulary(policy, tokenizer, tokenizer_name=options.get("tokenizer"),
+                     model_name=options["model_name_or_path"] or "of model.model_config")
     if quant is not None:
         policy = prepare_quantized(policy, options["gradient_checkpointing"], dtype)
     elif options["gradient_checkpointing"]:

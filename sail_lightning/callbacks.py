@@ -99,6 +99,7 @@ class PairGenerationCallback(L.Callback):
         self.seed = seed
         self.cache_reference = cache_reference
         self.progress = progress
+        self.last_round_metrics: dict[str, float] = {}  # the latest round's, on rank 0
         self.score_batch_size = score_batch_size
 
     # -- hooks -----------------------------------------------------------------------------
@@ -248,6 +249,7 @@ class PairGenerationCallback(L.Callback):
             metrics["gen/round_seconds"] = done - t0
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            self.last_round_metrics = metrics  # for summary.ConsoleSummary's epoch line
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
                      path, metrics["gen/seconds"])
 

@@ -110,6 +110,10 @@ class SAILCLI(LightningCLI):
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"), option="--ckpt_path")
 
     def add_arguments_to_parser(self, parser) -> None:
+        # Results on the console: a line per epoch and one at the end (--summary.*).
+        from sail_lightning.summary import ConsoleSummary
+
+        parser.add_lightning_class_args(ConsoleSummary, "summary")
         # One tokenizer per run: the model's, handed to the data.
         parser.link_arguments(("model.model_name_or_path", "model.tokenizer"), "data.tokenizer",
                               compute_fn=_tokenizer_name)

@@ -52,8 +52,11 @@ def test_the_documented_commands_on_a_small_budget(tmp_path, monkeypatch):
         assert words[0] == "sail-lightning", command
         budget = BUILD_BUDGET if words[1] == "build-models" else FIT_BUDGET
         main([*words[1:], *budget])
-    assert (tmp_path / "models/tiny/sft/config.json").exists()
-    assert (tmp_path / "models/tiny/sail_pr/config.json").exists()
+    # Exported under the runs' folders: the built models (models/tiny) are left as built.
+    assert (tmp_path / "runs/real_text/sft/policy/config.json").exists()
+    assert (tmp_path / "runs/real_text/sail_pr/version_0/policy/config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "models/tiny").iterdir() if p.is_dir()) == [
+        "policy", "reward"]
     sft, sail = rows(tmp_path, "sft"), rows(tmp_path, "sail_pr")
     assert values(sft, "val/loss") and values(sft, "val/eval_reward")
     # The reward model (its own tokenizer) labelled the round and judged the evaluation.

@@ -13,6 +13,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
 from sail_lightning.resume import check_checkpoint_file
+from sail_lightning.run_folder import (
+    checkpoint_step,
+    expect_earlier_checkpoints,
+    remove_if_unused,
+    resumed_version,
+)
 
 DESCRIPTION = """\
 sail-lightning: SAIL and the online DPO family (DPO, IPO, SAIL-DP/PP/PR, online and iterative
@@ -132,6 +138,17 @@ class SAILCLI(LightningCLI):
                 raise
             raise ImportError(hint) from None
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # A run that fails while starting leaves no version folder holding only its
+            # config: the next run would otherwise be version_N+1 beside an empty one.
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.is_global_zero and trainer.global_step == 0:
+                remove_if_unused(trainer.log_dir)
+            raise
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _follow_the_model(config, getattr(self, "_command_line", []))
@@ -182,7 +199,9 @@ def _place_logs(config: Any) -> None:
     """The default logger (``trainer.logger: true``) is a CSVLogger in
     ``<trainer.default_root_dir>/<method>/version_N``, the method named by
     ``MethodSpec.name``: runs of different methods do not share a folder, and
-    ``--trainer.default_root_dir`` moves logs, checkpoints and rounds together."""
+    ``--trainer.default_root_dir`` moves logs, checkpoints and rounds together. A run resumed
+    from a checkpoint in ``.../version_N/checkpoints/`` continues ``version_N``
+    (``run_folder``)."""
     from jsonargparse import Namespace
 
     from sail_lightning.method import MethodSpec
@@ -195,9 +214,18 @@ def _place_logs(config: Any) -> None:
                        if str(getattr(c, "class_path", "")).endswith("PairGenerationCallback")),
                       None)
     name = MethodSpec.from_options(dict(config.model), dict(config.data), generation).name
-    trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
-                               init_args=Namespace(save_dir=trainer.default_root_dir or ".",
-                                                   name=name))
+    save_dir = trainer.default_root_dir or "."
+    version = resumed_version(config.get("ckpt_path"), save_dir, name)
+    if version is None:
+        trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                   init_args=Namespace(save_dir=save_dir, name=name))
+        return
+    # Resumed from a checkpoint of this run's own folder: the folder continues.
+    expect_earlier_checkpoints()
+    trainer.logger = Namespace(
+        class_path="sail_lightning.run_folder.RunCSVLogger",
+        init_args=Namespace(save_dir=save_dir, name=name, version=version,
+                            resume_step=checkpoint_step(config.ckpt_path)))
 
 
 def main(args: list[str] | None = None) -> None:

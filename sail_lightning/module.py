@@ -176,7 +176,9 @@ class SAILModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", None)
-        if stats and self.logger is not None:
+        # Once per run: a resumed run continuing its folder has them already (same data:
+        # the checkpoint's fingerprint is checked).
+        if stats and self.logger is not None and not self.trainer.ckpt_path:
             # Counts of kept / skipped / dropped records, so a dashboard shows what was read.
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 

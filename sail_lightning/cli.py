@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
@@ -80,6 +81,24 @@ class _ArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         hint = _import_hint(message)
         return super().error(f"{message}\n{hint}" if hint else message, ex)
+
+
+class _SaveConfigToRun(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run's own folder (``run_folder.run_dir``) where that is
+    not the logger's ``log_dir``: a W&B logger's is its ``save_dir``, shared by every run,
+    where each run would overwrite the last one's config."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from sail_lightning.run_folder import run_dir
+
+        folder = run_dir(trainer) if trainer.loggers else None
+        if self.already_saved or folder is None or folder == trainer.log_dir:
+            return super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            self.parser.save(self.config, os.path.join(folder, self.config_filename),
+                             skip_none=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = trainer.strategy.broadcast(True)
 
 
 class SAILCLI(LightningCLI):
@@ -165,7 +184,6 @@ def _follow_the_model(config: Any, command_line: list[str]) -> None:
     (``--model.model_config=null --model.model_name_or_path=PATH``) takes its own tokenizer
     instead, with a warning, unless the command line names ``--model.tokenizer``. A local
     folder without tokenizer files keeps it (the vocabulary check then refuses a mismatch)."""
-    import os
 
     from lightning.pytorch.utilities import rank_zero_warn
 
@@ -253,6 +271,7 @@ def main(args: list[str] | None = None) -> None:
         seed_everything_default=0,  # an explicit seed: two runs of one config match
         save_config_kwargs={"overwrite": True},
         parser_class=_ArgumentParser,
+        save_config_callback=_SaveConfigToRun,
         parser_kwargs={"prog": "sail-lightning", "description": DESCRIPTION,
                        "formatter_class": _HelpFormatter},
         args=args,

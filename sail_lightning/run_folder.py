@@ -28,6 +28,23 @@ _VERSION = re.compile(r"version_(\d+)$")
 _STARTUP_FILES = {"config.yaml", "hparams.yaml"}
 
 
+def run_dir(trainer: Any) -> str:
+    """The folder of this run: where Lightning's ``ModelCheckpoint`` puts its ``checkpoints/``
+    (``<save_dir>/<name>/<version>``, a CSV or TensorBoard logger's ``log_dir``). The online
+    rounds and the CLI's ``config.yaml`` go there too: for a W&B logger, whose ``log_dir`` is
+    its ``save_dir`` shared by every run, ``<save_dir>/<project>/<run id>``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return trainer.log_dir
+    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return os.path.join(save_dir, str(logger.name), version)
+
+
 def resumed_version(ckpt_path: str | None, save_dir: str, name: str) -> int | None:
     """N when ``ckpt_path`` lies in ``<save_dir>/<name>/version_N/checkpoints/``, else None
     (no checkpoint, a Lightning alias such as ``last``, or one from elsewhere)."""

@@ -261,14 +261,11 @@ class PreferenceDataModule(L.LightningDataModule):
 
 
 def _run_dir(trainer: L.Trainer, name: str) -> str:
-    """``<trainer.log_dir>/<name>``: the run's own folder."""
-    root = trainer.log_dir or trainer.default_root_dir
-    version = getattr(trainer.logger, "version", None) if trainer.logger else None
-    if version is not None and not os.path.basename(os.path.normpath(root)).endswith(
-            str(version)):
-        # Loggers whose log_dir is their shared save_dir (W&B): one folder per run, or a
-        # second run would overwrite the first one's rounds.
-        root = os.path.join(root, str(version))
-    return os.path.join(root, name)
+    """``<run folder>/<name>``: the run's own folder, its checkpoints' (``run_folder.run_dir``:
+    for W&B ``<save_dir>/<project>/<run id>``, so a second run does not overwrite the
+    first one's rounds)."""
+    from sail_lightning.run_folder import run_dir
+
+    return os.path.join(run_dir(trainer), name)
 
 

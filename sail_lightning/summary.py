@@ -88,16 +88,17 @@ class ConsoleSummary(Callback):
 
 
 def log_dir(trainer: L.Trainer) -> str | None:
-    """The first logger's folder (a CSV logger's holds metrics.csv), or None without one."""
+    """The run's folder (``run_folder.run_dir``: a CSV logger's holds metrics.csv), or None
+    without a logger."""
+    from sail_lightning.run_folder import run_dir
+
     if not trainer.loggers:
         return None
-    logger = trainer.loggers[0]
-    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-    if folder is None:
-        return None
+    folder = run_dir(trainer)
     relative = os.path.relpath(folder)
     shown = folder if relative.startswith("..") else relative
-    return shown + (" (metrics.csv)" if type(logger).__name__ == "CSVLogger" else "")
+    csv = type(trainer.loggers[0]).__name__ in ("CSVLogger", "RunCSVLogger")
+    return shown + (" (metrics.csv)" if csv else "")
 
 
 def _number(value: Any) -> float | None:

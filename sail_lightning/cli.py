@@ -175,7 +175,7 @@ class SAILCLI(LightningCLI):
         # data was given, or Lightning refuses the two hparams (same key, different values).
         config.model.tokenizer = _tokenizer_name(config.model.model_name_or_path,
                                                  config.model.tokenizer)
-        _place_logs(config)
+        _place_logs(config, resuming=self.subcommand == "fit")
 
 
 def _follow_the_model(config: Any, command_line: list[str]) -> None:
@@ -213,13 +213,14 @@ def _follow_the_model(config: Any, command_line: list[str]) -> None:
         config.data.tokenizer = path
 
 
-def _place_logs(config: Any) -> None:
+def _place_logs(config: Any, resuming: bool = False) -> None:
     """The default logger (``trainer.logger: true``) is a CSVLogger in
     ``<trainer.default_root_dir>/<method>/version_N``, the method named by
     ``MethodSpec.name``: runs of different methods do not share a folder, and
     ``--trainer.default_root_dir`` moves logs, checkpoints and rounds together. A run resumed
     from a checkpoint in ``.../version_N/checkpoints/`` continues ``version_N``
-    (``run_folder``)."""
+    (``run_folder``); ``validate`` of a checkpoint logs to a new folder (``resuming`` False),
+    leaving the training run's metrics as they are."""
     from jsonargparse import Namespace
 
     from sail_lightning.method import MethodSpec
@@ -233,7 +234,7 @@ def _place_logs(config: Any) -> None:
                       None)
     name = MethodSpec.from_options(dict(config.model), dict(config.data), generation).name
     save_dir = trainer.default_root_dir or "."
-    version = resumed_version(config.get("ckpt_path"), save_dir, name)
+    version = resumed_version(config.get("ckpt_path"), save_dir, name) if resuming else None
     if version is None:
         trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                    init_args=Namespace(save_dir=save_dir, name=name))

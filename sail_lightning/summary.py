@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 
 HEADLINE_METRICS = (
     "train/loss", "val/loss", "val/rewards/accuracies", "gen/reward_mean",
-    "gen/true_reward_mean", "val/eval_reward", "val/true_reward", "val/win_rate_vs_chosen",
+    "gen/true_reward_mean", "val/eval_reward", "val/win_rate_vs_chosen",
     "val/judge_win_rate",
 )
 """The default metrics of a summary line, in order: those a run has."""

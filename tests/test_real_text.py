@@ -44,7 +44,7 @@ FIT_BUDGET = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
               "--trainer.limit_val_batches=1", "--data.limit=60"]
 
 
-def test_the_documented_commands_on_a_small_budget(tmp_path, monkeypatch):
+def test_the_documented_commands_on_a_small_budget(tmp_path, monkeypatch, capsys):
     clone_like(tmp_path)
     monkeypatch.chdir(tmp_path)
     for command in documented():
@@ -64,6 +64,9 @@ def test_the_documented_commands_on_a_small_budget(tmp_path, monkeypatch):
     assert values(sail, "val/win_rate_vs_ref") and values(sail, "val/kl")
     (round_file,) = tmp_path.glob("runs/real_text/sail_pr/version_0/rounds/round_0000.jsonl")
     assert round_file.read_text().count("\n") == values(sail, "gen/prompts")[0]
+    # No progress bar in these configs: the summary's one line per epoch, for each stage.
+    out = capsys.readouterr().out
+    assert out.count("epoch 1/1  ") == 2 and "gen/reward_mean" in out
 
 
 @pytest.mark.slow

@@ -56,3 +56,13 @@ def test_remove_if_unused_keeps_a_folder_with_results(tmp_path):
     assert remove_if_unused(str(started)) and not started.exists()
     assert not remove_if_unused(str(done)) and (done / "metrics.csv").exists()
     assert not remove_if_unused(str(tmp_path))  # not a version folder
+
+
+def test_validating_a_checkpoint_leaves_the_training_run_as_it_is(tmp_path):
+    main(["fit", "-c", QUICK, *small(tmp_path, epochs=2)])
+    run = tmp_path / "sail_pr" / "version_0"
+    before = (run / "metrics.csv").read_text()
+    (first,) = (run / "checkpoints").glob("*.ckpt")  # the last epoch's, as Lightning keeps
+    main(["validate", "-c", QUICK, *small(tmp_path, epochs=2), f"--ckpt_path={first}"])
+    assert (run / "metrics.csv").read_text() == before
+    assert (tmp_path / "sail_pr" / "version_1").exists()  # the validation's own folder

@@ -59,7 +59,8 @@ class ConsoleSummary(Callback):
             trainer.checkpoint_callback, "best_model_path", "")
         if checkpoint:
             where.append(f"checkpoint: {checkpoint}")
-        self._print(trainer, f"fit done after {trainer.current_epoch} epochs  "
+        epochs = f"{trainer.current_epoch} epoch" + ("" if trainer.current_epoch == 1 else "s")
+        self._print(trainer, f"fit done after {epochs}  "
                              f"{self.line(trainer)}\n  " + "  ".join(where))
 
     def line(self, trainer: L.Trainer) -> str:

@@ -216,8 +216,10 @@ class SAILModule(L.LightningModule):
             # most of a tiny model's step. Synced: under DDP the logged loss is the global
             # batch's, as with one process.
             self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+            # Not on the progress bar: a name that long is cut there in an 80-column
+            # terminal; the epoch's summary line (summary.ConsoleSummary) shows accuracies.
             self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"),
-                     prog_bar=True, batch_size=n)
+                     batch_size=n)
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
 

@@ -40,3 +40,21 @@ def test_a_line_shows_only_the_metrics_a_run_has():
                               callbacks=[SimpleNamespace(last_round_metrics={})])
     assert ConsoleSummary().line(trainer) == "val/loss 1.5000"
     assert ConsoleSummary(metrics=["other"]).line(trainer) == "other 2.0000"
+
+
+def test_the_progress_bar_shows_only_short_names(tmp_path):
+    """Names on the bar fit an 80-column terminal whole (rich cuts a longer one: "train/rewards/
+    ac..."); the long ones are in the summary line."""
+    import lightning as L
+
+    from sail_lightning.summary import ConsoleSummary
+    from tests.helpers import datamodule, module
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                        log_every_n_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path,
+                        callbacks=[ConsoleSummary(enabled=False)])
+    trainer.fit(module(), datamodule=datamodule(num_synthetic_pairs=40, setup=False))
+    shown = set(trainer.progress_bar_metrics)
+    assert {"train/loss", "val/loss"} <= shown
+    assert all(len(name) <= 12 for name in shown), shown

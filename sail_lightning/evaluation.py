@@ -94,7 +94,10 @@ class EvaluationCallback(L.Callback):
         for name, value in metrics.items():
             pl_module.log(name, value)
         if trainer.is_global_zero and trainer.log_dir and self.samples:
-            self.write_samples(os.path.join(trainer.log_dir, "eval",
+            from sail_lightning.run_folder import run_dir
+
+            # The run's own folder, beside its checkpoints (W&B's log_dir is shared by runs).
+            self.write_samples(os.path.join(run_dir(trainer), "eval",
                                             f"epoch_{trainer.current_epoch:03d}.jsonl"))
 
     def write_samples(self, path: str) -> None:

@@ -162,6 +162,7 @@ def test_second_run_in_the_same_save_dir_does_not_clash(two_runs):
         assert saved["model"]["beta"] == beta
         assert list((folder / "checkpoints").glob("*.ckpt"))
         assert len(list((folder / "rounds").glob("round_*.jsonl"))) == n
+        assert list((folder / "eval").glob("epoch_*.jsonl"))  # the evaluation's responses
 
 
 def test_samples_table_logged_once_per_round(two_runs):

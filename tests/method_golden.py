@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, TINY_CONFIG
+from tests.conftest import CONFIGS
 
 FIXTURE = Path(__file__).parent / "data" / "method_golden.json"
 # sail_pr_rm is sail_pr with a hub reward model as labeller (not downloaded here).
@@ -69,7 +69,8 @@ def run_method(method: str, tmp_path: Path) -> dict:
     dm = datamodule(setup=False, online_pairs=12 if only_online else None,
                     pool_dir=str(tmp_path / "rounds"), **data)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3,
-                        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        limit_val_batches=2, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path,
                         callbacks=callbacks)

@@ -254,8 +254,8 @@ def _batch(vocab: int, shape: dict[str, int], cached_reference: bool) -> dict[st
     per pool (their values do not change the memory)."""
     import torch
 
+    from sail_lightning.common import Route
     from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
-    from sail_lightning.objectives import Route
 
     b, tp, tr = shape["pairs"], shape["prompt_tokens"], shape["response_tokens"]
     g = torch.Generator().manual_seed(SEED)

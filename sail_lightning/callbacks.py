@@ -8,16 +8,16 @@ import time
 import lightning as L
 import torch
 
+from sail_lightning.common import win_rate
 from sail_lightning.distributed import (
     all_gather_objects,
     generation_context,
     pad_shard,
     synced_generation,
 )
-from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.labellers import Labeller
-from sail_lightning.method import PAIR_MODES
+from sail_lightning.pair_modes import get_pair_mode
 from sail_lightning.rounds import build_round
 
 log = logging.getLogger("sail_lightning.online")
@@ -52,9 +52,10 @@ class PairGenerationCallback(L.Callback):
             ``selm``). Default: the DataModule's ``oracle`` (on the synthetic task, its
             Bradley-Terry oracle).
         sampling: how responses are sampled from the policy.
-        pair_mode: ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO),
-            ``selm``, ``xpo``, ``spin`` (demonstration vs policy sample, no labeller) or
-            ``sppo`` (``num_samples >= 2``, win probabilities from the labeller's scores).
+        pair_mode: a registered pair mode (``sail_lightning.pair_modes``, one file each):
+            ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO), ``selm``,
+            ``xpo``, ``spin`` (demonstration vs policy sample, no labeller) or ``sppo``
+            (``num_samples >= 2``, win probabilities from the labeller's scores).
         prompts_per_round: prompts sampled per round; default: the online pairs one epoch
             trains on (``data.mix_pp``, ``data.mix_pr``).
         every_n_epochs: regenerate every this many epochs.
@@ -78,8 +79,7 @@ class PairGenerationCallback(L.Callback):
         progress: bool = True,
         score_batch_size: int = 32,
     ) -> None:
-        if pair_mode not in PAIR_MODES:
-            raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
+        mode = get_pair_mode(pair_mode)  # refuses an unknown name, naming the known ones
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if prompts_per_round is not None and prompts_per_round < 0:
@@ -89,9 +89,7 @@ class PairGenerationCallback(L.Callback):
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
-        if pair_mode == "sppo" and self.sampling.num_samples < 2:
-            raise ValueError("pair_mode=sppo estimates win probabilities among samples: "
-                             f"sampling.num_samples must be >= 2, got {self.sampling.num_samples}")
+        mode.check_sampling(self.sampling)
         self.pair_mode = pair_mode
         self.prompts_per_round = prompts_per_round
         self.every_n_epochs = every_n_epochs

@@ -13,18 +13,13 @@ import logging
 import lightning as L
 import torch
 
+from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import JudgeLabeller, Labeller
 from sail_lightning.policy_pair import PolicyPair
 
 log = logging.getLogger("sail_lightning.eval")
-
-
-def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
-    """Fraction of prompts where ``a`` scores higher than ``b``; a tie counts half."""
-    wins = (scores_a > scores_b).double() + 0.5 * (scores_a == scores_b).double()
-    return float(wins.mean())
 
 
 def judged_win_rate(judge: JudgeLabeller, prompts: list[str], responses: list[str],

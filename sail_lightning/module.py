@@ -24,6 +24,7 @@ from sail_lightning.objectives import (
     SFT,
     Route,
     bonus_loss,
+    get_loss,
     length_normalised,
     preference_metrics,
     sail_loss,
@@ -58,7 +59,7 @@ class SAILModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
         loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge``, ``ipo`` or ``sppo`` (SPPO's
-            squared loss on the win probabilities its pairs carry, ``objectives_selfplay``); or
+            squared loss on the win probabilities its pairs carry, ``objectives.losses``); or
             ``sft``: supervised fine-tuning on the chosen responses of the offline pairs (loss
             on response tokens only, ``objectives.sft_loss``), with no reference model built.
         label_smoothing: cDPO / robust DPO epsilon.
@@ -223,7 +224,7 @@ class SAILModule(L.LightningModule):
         """Policy and reference log-probs of every row of a batch (chosen, rejected[, bonus]),
         per-token means under IPO (``objectives.length_normalised``)."""
         lp, ref, counts = self.pair.logprobs(batch)
-        if self.hparams.loss_type == "ipo":
+        if get_loss(self.hparams.loss_type).length_normalised:
             lp, ref = length_normalised(lp, counts), length_normalised(ref, counts)
         return lp, ref
 
@@ -331,7 +332,8 @@ def _validate(args: dict[str, Any]) -> None:
     if not 0.0 <= args["label_smoothing"] < 0.5:
         raise ValueError("model.label_smoothing must be in [0, 0.5), got "
                          f"{args['label_smoothing']}")
-    if args["loss_type"] != "sigmoid" and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
+    sail_terms = args["loss_type"] != SFT and get_loss(args["loss_type"]).sail_terms
+    if not sail_terms and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
         raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
                          f"model.loss_type=sigmoid or the model.coef_* options to 0 "
                          f"(got loss_type={args['loss_type']!r})")

@@ -10,8 +10,8 @@ import torch
 
 import sail_lightning.callbacks as callbacks
 from sail_lightning.callbacks import PairGenerationCallback
+from sail_lightning.common import Route
 from sail_lightning.generation import SamplingOptions
-from sail_lightning.objectives import Route
 from tests.helpers import RestoreAfterSetup, datamodule, module
 
 SAMPLING = SamplingOptions(num_samples=2, max_new_tokens=6, batch_size=32)

@@ -4,9 +4,9 @@ import lightning as L
 import pytest
 import torch
 
+from sail_lightning.common import Route
 from sail_lightning.models import LoraOptions
 from sail_lightning.module import SAILModule
-from sail_lightning.objectives import Route
 from tests.helpers import collate, datamodule, module
 
 
@@ -122,7 +122,7 @@ def test_bad_options_name_the_option(kwargs, option):
 
 
 def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, tmp_path):
-    import sail_lightning.objectives as objectives
+    import sail_lightning.objectives.sail as objectives
 
     calls = []
     real = objectives.preference_metrics

@@ -13,8 +13,7 @@ from sail_lightning.data.pool import OnlinePair
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.method import MethodSpec
-from sail_lightning.objectives import Route, dpo_loss, sail_loss
-from sail_lightning.objectives_selfplay import sppo_loss, win_probabilities
+from sail_lightning.objectives import Route, dpo_loss, sail_loss, sppo_loss, win_probabilities
 from sail_lightning.synthetic import OracleLabeller
 from tests.conftest import CONFIGS
 from tests.helpers import datamodule, module

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sail_lightning.common import Route
 from sail_lightning.data.loaders import (
     EpochPosition,
     EpochView,
@@ -28,7 +29,6 @@ from sail_lightning.data.prepare import SYNTHETIC_SOURCE, check_options, prepare
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, padded_length
 from sail_lightning.labellers import Labeller
-from sail_lightning.objectives import Route
 
 log = logging.getLogger("sail_lightning.data")
 

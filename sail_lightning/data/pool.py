@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sail_lightning.common import Route
 from sail_lightning.data.mixture import OFFLINE
 from sail_lightning.data.tokenize import TokenizedPair
-from sail_lightning.objectives import Route
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""Names shared across the package, with no import of it: a leaf that ``data/``, the
+objectives, the labellers and the online loop all read (docs/architecture.md, import graph).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class Route(IntEnum):
+    """Where an example's responses and label come from, and so which SAIL terms apply.
+
+    DPO: offline pair, dataset label (plain DPO). DP: dataset responses, label resampled
+    from the policy (label term). PP: policy responses, policy label (label + response
+    terms). PR: policy responses, reward-model label (response term).
+    """
+
+    DPO = 0
+    DP = 1
+    PP = 2
+    PR = 3
+
+
+SFT = "sft"
+"""``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
+preference (``sft_loss``); SAIL starts from such a model."""
+
+
+def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
+    """Fraction of prompts where ``a`` scores higher than ``b``; a tie counts half."""
+    wins = (scores_a > scores_b).double() + 0.5 * (scores_a == scores_b).double()
+    return float(wins.mean())

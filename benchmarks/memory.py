@@ -331,7 +331,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         return {"variant": "baseline", "rss_after_imports": after_imports,
                 "peak": _peak_mib(), "mmap_threshold": mmap_threshold}
 
-    from sail_lightning.objectives import sail_loss
+    from sail_lightning.objectives import LossOptions, sail_loss
 
     torch.manual_seed(SEED)
     module = _module(args.worker, args.model_dir, args)
@@ -365,7 +365,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             lp, ref = module.logprobs(batch)
             n = batch["route"].shape[0]
             loss, _ = sail_loss(lp[:n], lp[n:], ref[:n], ref[n:], batch["route"],
-                                beta=module.hparams.beta)
+                                LossOptions(beta=module.hparams.beta))
         reset = phase_end("forward") and reset
         loss.backward()
         reset = phase_end("backward") and reset

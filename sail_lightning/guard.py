@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from sail_lightning.objectives.options import LossOptions
+
 # Loss parts as SAILModule logs them (train/loss/...), and what each points to.
 _PARTS = ("loss/dpo_term", "loss/label_term", "loss/response_term", "loss/bonus_term")
 _HISTORY = 1024  # steps whose routes (host-side) are kept for the message
@@ -99,13 +101,14 @@ class NonFiniteGuard:
             for p in params:
                 p.grad = None
 
-    def check(self, *, epoch: int, hparams: Mapping) -> None:
-        """Raises if any step since the start was not finite (one host sync)."""
+    def check(self, *, epoch: int, options: LossOptions, lr: float) -> None:
+        """Raises if any step since the start was not finite (one host sync); the message
+        names the likely option among the objective's ``options`` and the learning rate."""
         if self.bad_steps is None or int(self.bad_steps) == 0:
             return
-        raise FloatingPointError(self.message(epoch=epoch, hparams=hparams))
+        raise FloatingPointError(self.message(epoch=epoch, options=options, lr=lr))
 
-    def message(self, *, epoch: int, hparams: Mapping) -> str:
+    def message(self, *, epoch: int, options: LossOptions, lr: float) -> str:
         count, step = int(self.bad_steps), int(self.first_bad)
         routes = self._routes.get(step)
         parts = self._parts.get(step)
@@ -117,25 +120,26 @@ class NonFiniteGuard:
                 if parts is not None else "loss parts unknown (they are computed on logging "
                 "steps: trainer.log_every_n_steps=1 names them)")
         batch = f"routes in the batch: {', '.join(routes) if routes else 'unknown'}"
-        return f"{where}; {what}; {batch}. {likely_cause(bad_parts, routes, hparams)}"
+        return f"{where}; {what}; {batch}. {likely_cause(bad_parts, routes, options, lr)}"
 
 
-def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None,
-                 hparams: Mapping) -> str:
+def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None, options: LossOptions,
+                 lr: float) -> str:
     """The option most likely responsible, from what is known."""
     online = routes is None or any(r in ("pp", "pr") for r in routes)
-    if "response_term" in bad_parts and hparams.get("response_term") == "released_code":
+    released = options.response_term == "released_code"
+    if "response_term" in bad_parts and released:
         return ("model.response_term=released_code divides by log pi(y), which nears 0 as "
                 "responses shrink: use score_function, or lower model.coef_pp / coef_pr")
     if "response_term" in bad_parts:
-        return (f"the response term (model.coef_pr={hparams.get('coef_pr')}, "
-                f"coef_pp={hparams.get('coef_pp')}) is not finite: lower them or model.lr")
+        return (f"the response term (model.coef_pr={options.coef_pr}, "
+                f"coef_pp={options.coef_pp}) is not finite: lower them or model.lr")
     if "bonus_term" in bad_parts:
         return f"the exploration bonus is not finite: lower model.bonus_alpha " \
-               f"({hparams.get('bonus_alpha')}) or model.lr"
-    hint = (f"lower model.lr ({hparams.get('lr')}) or raise model.beta ({hparams.get('beta')}); "
+               f"({options.bonus_alpha}) or model.lr"
+    hint = (f"lower model.lr ({lr}) or raise model.beta ({options.beta}); "
             "check the data for empty responses")
-    if not bad_parts and online and hparams.get("response_term") == "released_code":
+    if not bad_parts and online and released:
         hint += ("; with model.response_term=released_code, its division by log pi(y) is a "
                  "common cause")
     return f"Likely: {hint}"

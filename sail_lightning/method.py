@@ -8,12 +8,14 @@ checks that they agree, once, before any model is built, and names the method.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sail_lightning.common import SFT
 from sail_lightning.objectives.losses import get_loss
+from sail_lightning.objectives.options import LossOptions
 from sail_lightning.pair_modes import PairMode, get_pair_mode, pair_mode_names
 
 _MODEL_FIELDS = ("coef_dp", "coef_pp", "coef_pr", "loss_type", "bonus_alpha", "bonus_form")
@@ -52,13 +54,16 @@ class MethodSpec:
     update_reference: bool = False
 
     @classmethod
-    def from_options(cls, model: Mapping[str, Any], data: Mapping[str, Any],
+    def from_options(cls, model: LossOptions | Mapping[str, Any], data: Mapping[str, Any],
                      generation: Mapping[str, Any] | None, labeller: Any = None) -> MethodSpec:
-        """The spec of ``SAILModule``'s options ``model``, ``PreferenceDataModule``'s ``data``
+        """The spec of ``SAILModule``'s objective options ``model`` (its ``loss_options``, or
+        its ``model.*`` options as a mapping), ``PreferenceDataModule``'s ``data``
         and ``PairGenerationCallback``'s ``generation`` (None without that callback), whose
         online pairs ``labeller`` labels (an object, or a class name)."""
         from sail_lightning.labellers import Labeller
 
+        if isinstance(model, LossOptions):
+            model = dataclasses.asdict(model)
         fields = {k: model[k] for k in _MODEL_FIELDS if model.get(k) is not None}
         fields.update({k: data[k] for k in _DATA_FIELDS if data.get(k) is not None})
         gen = dict(generation or {})
@@ -81,7 +86,7 @@ class MethodSpec:
             labeller = gen.labeller if gen.labeller is not None else getattr(dm, "oracle", None)
         options = None if gen is None else {"pair_mode": gen.pair_mode,
                                             "update_reference": gen.update_reference}
-        return cls.from_options(dict(trainer.lightning_module.hparams),
+        return cls.from_options(trainer.lightning_module.loss_options,
                                 dict(getattr(dm, "hparams", {}) or {}), options, labeller)
 
     @property

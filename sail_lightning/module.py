@@ -17,14 +17,10 @@ from sail_lightning.models import (
     resolve_quantization,
 )
 from sail_lightning.objectives import (
-    BASELINES,
-    BONUS_FORMS,
-    LOSS_TYPES,
-    RESPONSE_TERMS,
     SFT,
+    LossOptions,
     Route,
     bonus_loss,
-    get_loss,
     length_normalised,
     preference_metrics,
     sail_loss,
@@ -116,6 +112,13 @@ class SAILModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _validate(locals())
+        # The objective's options, validated once and handed whole to the objective, the
+        # guard and the method check.
+        self.loss_options = LossOptions.from_mapping(locals())
+        # Validation scores the preference loss alone (every pair offline, DPO's route).
+        self._val_options = dataclasses.replace(self.loss_options, coef_dp=0.0, coef_pp=0.0,
+                                                coef_pr=0.0, response_term="score_function",
+                                                baseline="none")
         # The tokenizer the run uses, saved as such: the CLI hands the same name to the data
         # (data.tokenizer), and Lightning refuses hparams that differ between the two.
         tokenizer = tokenizer or model_name_or_path
@@ -173,7 +176,8 @@ class SAILModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------
 
     def on_train_epoch_end(self) -> None:
-        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)  # a sync per epoch
+        self.guard.check(epoch=self.current_epoch, options=self.loss_options,
+                         lr=self.hparams.lr)  # a sync per epoch
 
     def on_fit_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", None)
@@ -189,19 +193,17 @@ class SAILModule(L.LightningModule):
         n = batch["route"].shape[0]
         # The metrics (and their host syncs) only on the steps the logger writes.
         log_now = self.logging_step()
+        opts = self.loss_options
         loss, metrics = sail_loss(
-            lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], beta=hp.beta,
-            coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
-            response_term=hp.response_term, baseline=hp.baseline,
+            lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], opts,
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=_label_generator(hp.label_seed, self.current_epoch, batch_idx,
                                        self.global_rank),
-            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
-            win_chosen=batch.get("win_chosen"), win_rejected=batch.get("win_rejected"),
+            metrics=log_now, fields={k: batch.get(k) for k in opts.loss.fields},
             routes=batch.get("routes_present"))
-        if "bonus_mask" in batch and hp.bonus_alpha:
+        if "bonus_mask" in batch and opts.bonus_alpha:
             bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],
-                               alpha=hp.bonus_alpha, beta=hp.beta, form=hp.bonus_form)
+                               alpha=opts.bonus_alpha, beta=opts.beta, form=opts.bonus_form)
             loss = loss + bonus
             if log_now:
                 metrics["loss/bonus_term"] = bonus.detach()
@@ -224,7 +226,7 @@ class SAILModule(L.LightningModule):
         """Policy and reference log-probs of every row of a batch (chosen, rejected[, bonus]),
         per-token means under IPO (``objectives.length_normalised``)."""
         lp, ref, counts = self.pair.logprobs(batch)
-        if get_loss(self.hparams.loss_type).length_normalised:
+        if self.loss_options.loss.length_normalised:
             lp, ref = length_normalised(lp, counts), length_normalised(ref, counts)
         return lp, ref
 
@@ -252,9 +254,9 @@ class SAILModule(L.LightningModule):
         lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
         lp_c, lp_r, ref_c, ref_r = lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n]
+        opts = self._val_options
         loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full_like(batch["route"], Route.DPO),
-                            beta=hp.beta, loss_type=hp.loss_type,
-                            label_smoothing=hp.label_smoothing, metrics=False)
+                            opts, metrics=False, fields={k: None for k in opts.loss.fields})
         metrics = preference_metrics(lp_c, lp_r, ref_c, ref_r, beta=hp.beta)
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
@@ -266,7 +268,7 @@ class SAILModule(L.LightningModule):
                                              world_size=self.trainer.world_size)
         if not self.logging_step():
             return
-        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
+        self.guard.check(epoch=self.current_epoch, options=self.loss_options, lr=self.hparams.lr)
         norm = _grad_norm(self.pair.policy)  # before clipping: what shows a spike
         if norm is not None:
             self.log("train/grad_norm", norm)
@@ -316,27 +318,15 @@ def _validate(args: dict[str, Any]) -> None:
                          "and model.model_config (a config dict for a fresh model)")
     if args["model_name_or_path"] is None and args["tokenizer"] is None:
         raise ValueError("model.tokenizer is required with model.model_config")
-    checks = [("loss_type", (*LOSS_TYPES, SFT)), ("response_term", RESPONSE_TERMS),
-              ("baseline", BASELINES), ("scheduler", _SCHEDULERS), ("bonus_form", BONUS_FORMS)]
-    for name, allowed in checks:
-        if args[name] not in allowed:
-            raise ValueError(f"model.{name} must be one of {allowed}, got {args[name]!r}")
-    if not args["beta"] > 0:
-        raise ValueError(f"model.beta must be > 0, got {args['beta']}")
-    for name in ("coef_dp", "coef_pp", "coef_pr", "weight_decay", "bonus_alpha",
-                 "logprob_chunk_size"):
+    if args["scheduler"] not in _SCHEDULERS:
+        raise ValueError(f"model.scheduler must be one of {_SCHEDULERS}, got "
+                         f"{args['scheduler']!r}")
+    LossOptions.from_mapping(args)  # the objective's options check themselves
+    for name in ("weight_decay", "logprob_chunk_size"):
         if not args[name] >= 0:  # also refuses NaN
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
     if not args["lr"] > 0:  # also refuses NaN
         raise ValueError(f"model.lr must be > 0, got {args['lr']}")
-    if not 0.0 <= args["label_smoothing"] < 0.5:
-        raise ValueError("model.label_smoothing must be in [0, 0.5), got "
-                         f"{args['label_smoothing']}")
-    sail_terms = args["loss_type"] != SFT and get_loss(args["loss_type"]).sail_terms
-    if not sail_terms and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
-        raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
-                         f"model.loss_type=sigmoid or the model.coef_* options to 0 "
-                         f"(got loss_type={args['loss_type']!r})")
     if args["loss_type"] == SFT and args["ref_model_name_or_path"]:
         raise ValueError("model.loss_type=sft trains without a reference: unset "
                          "model.ref_model_name_or_path")

@@ -5,6 +5,7 @@ log-probability tensors of shape ``(B,)`` and is unit-tested against hand-derive
 - ``selfplay``: SPPO's loss and win probabilities (SPIN trains the sigmoid loss).
 - ``bonus``: SELM's and XPO's exploration bonuses.
 - ``losses``: each ``model.loss_type`` as one registered object.
+- ``options``: ``LossOptions``, the objective's options, validated once.
 - ``sail``: SAIL's objective, the per-example loss plus the terms each route adds.
 """
 
@@ -20,12 +21,13 @@ from sail_lightning.objectives.dpo import (
     sft_loss,
 )
 from sail_lightning.objectives.losses import LOSS_TYPES, LOSSES, PairLoss, get_loss, register_loss
-from sail_lightning.objectives.sail import BASELINES, RESPONSE_TERMS, sail_loss
+from sail_lightning.objectives.options import BASELINES, RESPONSE_TERMS, LossOptions
+from sail_lightning.objectives.sail import sail_loss
 from sail_lightning.objectives.selfplay import sppo_loss, win_probabilities
 
 __all__ = [
     "BASELINES", "BONUS_FORMS", "DPO_FORMS", "LOSSES", "LOSS_TYPES", "RESPONSE_TERMS", "SFT",
-    "PairLoss", "Route", "bonus_loss", "dpo_loss", "exploration_bonus", "get_loss",
+    "LossOptions", "PairLoss", "Route", "bonus_loss", "dpo_loss", "exploration_bonus", "get_loss",
     "length_normalised", "margin", "preference_metrics", "register_loss", "sail_loss",
     "self_label_probability", "sft_loss", "sppo_loss", "win_probabilities",
 ]

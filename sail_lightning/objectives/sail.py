@@ -3,7 +3,7 @@ response terms, picked per example by its route (pure torch; notation in ``dpo.p
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,7 @@ from torch import Tensor
 
 from sail_lightning.common import Route
 from sail_lightning.objectives.dpo import margin, preference_metrics, self_label_probability
-from sail_lightning.objectives.losses import get_loss
-
-RESPONSE_TERMS = ("score_function", "released_code")
-BASELINES = ("none", "mean")
+from sail_lightning.objectives.options import LossOptions
 
 
 def _per_route(route: Tensor, dp: float, pp: float, pr: float, dtype: torch.dtype) -> Tensor:
@@ -47,25 +44,18 @@ def sail_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     route: Tensor,
+    options: LossOptions,
     *,
-    beta: float,
-    coef_dp: float = 0.0,
-    coef_pp: float = 0.0,
-    coef_pr: float = 0.0,
-    response_term: str = "score_function",
-    baseline: str = "none",
     grad_accum: int = 1,
     generator: torch.Generator | None = None,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
     metrics: bool = True,
-    win_chosen: Tensor | None = None,
-    win_rejected: Tensor | None = None,
+    fields: Mapping[str, Tensor | None] | None = None,
     routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
 
-    Every example contributes the DPO term ``-ell`` (or the chosen ``loss_type``). Then:
+    Every example contributes the loss of ``options.loss_type`` (``objectives.losses``; DPO's
+    ``-ell`` by default), and, with ``coef_* = options.coef_*``:
 
     - DP (SAIL-DP): the label is resampled first, ``flip ~ Bernoulli(1 - sigmoid(beta h))``
       drawn from ``generator``; where flipped ``h -> -h``. Label term ``-0.5 coef_dp ell^2``
@@ -95,15 +85,15 @@ def sail_loss(
 
     Args:
         route: LongTensor ``(B,)`` of :class:`Route` values.
+        options: the objective's options, validated (``LossOptions``); the SAIL terms are
+            derived for the sigmoid loss and always use ``ell``.
         grad_accum: gradient accumulation steps (only ``released_code`` uses it).
         generator: CPU generator for the DP label draws (reproducibility).
-        loss_type, label_smoothing: the DPO term's form (see :func:`dpo_loss`). The SAIL
-            terms are derived for the sigmoid loss and always use ``ell``.
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
-        win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
-            (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
+        fields: the batch's per-pair fields the loss reads (``PairLoss.fields``: SPPO's
+            ``win_chosen`` / ``win_rejected``, ``(B,)``); None or missing: none.
         routes: the routes present in the batch (``PreferenceCollator`` records them as
             ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
             None reads them from ``route`` (a host sync per check). Giving a set that
@@ -114,13 +104,10 @@ def sail_loss(
         ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them
         (an empty dict when ``metrics`` is false).
     """
-    if response_term not in RESPONSE_TERMS:
-        raise ValueError(f"response_term must be one of {RESPONSE_TERMS}, got {response_term!r}")
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    for name, value in (("coef_dp", coef_dp), ("coef_pp", coef_pp), ("coef_pr", coef_pr)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    if options.loss is None:
+        raise ValueError("model.loss_type=sft has no preference loss: use objectives.sft_loss")
+    beta, coef_dp, coef_pp, coef_pr = options.beta, options.coef_dp, options.coef_pp, \
+        options.coef_pr
     route = route.to(device=policy_chosen_logps.device, dtype=torch.long)
     lp_c, lp_r, rlp_c, rlp_r = (
         policy_chosen_logps,
@@ -145,9 +132,8 @@ def sail_loss(
         c_ref = torch.where(flip, rlp_r, rlp_c)
         r_ref = torch.where(flip, rlp_c, rlp_r)
 
-    base = get_loss(loss_type)(c_lp, r_lp, c_ref, r_ref,
-                               {"win_chosen": win_chosen, "win_rejected": win_rejected},
-                               beta=beta, label_smoothing=label_smoothing)
+    base = options.loss(c_lp, r_lp, c_ref, r_ref, fields or {}, beta=beta,
+                        label_smoothing=options.label_smoothing)
     dpo_term = base.mean()
     # A term whose coefficient is 0 on every route of the batch adds exactly 0 to the loss
     # and its gradient: it is skipped (with the routes known, a batch without DP/PP/PR rows
@@ -164,7 +150,7 @@ def sail_loss(
         loss = loss + label_term
     if response_on:
         response = _response_term(lp_c, lp_r, ell, route, routes, coef_pp, coef_pr,
-                                  response_term, baseline, grad_accum)
+                                  options.response_term, options.baseline, grad_accum)
         loss = loss + response
 
     if not metrics:

@@ -7,8 +7,10 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from sail_lightning.common import win_rate
+from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.distributed import (
     all_gather_objects,
     generation_context,
@@ -28,8 +30,6 @@ def check_reference_update(strategy: L.pytorch.strategies.Strategy, lora: bool,
     """Refuses a LoRA reference update under FSDP1 before any training: its adapter weights
     are flat shards outside forward, so the copy into the reference adapter cannot work
     (FSDP2's sharded tensors can be gathered; tested there)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if update_reference and lora and isinstance(strategy, FSDPStrategy):
         raise ValueError("PairGenerationCallback.update_reference with model.lora is not "
                          "supported under FSDPStrategy (FSDP1): use "
@@ -102,8 +102,6 @@ class PairGenerationCallback(L.Callback):
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from sail_lightning.data.datamodule import PreferenceDataModule
-
         if not isinstance(trainer.datamodule, PreferenceDataModule):
             raise TypeError("PairGenerationCallback needs a PreferenceDataModule")
         if trainer.reload_dataloaders_every_n_epochs != 1:

@@ -15,6 +15,7 @@ import torch
 
 from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.distributed import generation_context, synced_generation
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import JudgeLabeller, Labeller
 from sail_lightning.policy_pair import PolicyPair
@@ -78,8 +79,6 @@ class EvaluationCallback(L.Callback):
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        from sail_lightning.distributed import generation_context, synced_generation
-
         with generation_context(trainer):
             metrics = self.evaluate(trainer.datamodule, pl_module.pair,
                                     synced_gpus=synced_generation(trainer))

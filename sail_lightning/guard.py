@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from sail_lightning.objectives.options import LossOptions
 
@@ -150,8 +151,6 @@ def fused_kwargs(params: list[torch.nn.Parameter], precision_plugin: object = No
     tensors on CPU or CUDA; not FSDP2's DTensors) and Lightning can clip its gradients (its
     ``*-mixed`` plugin refuses to clip for an optimizer that unscales by itself), else
     ``{}``: the guard then costs a host sync a step."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     if isinstance(precision_plugin, MixedPrecision) or getattr(precision_plugin, "scaler", None):
         return {}  # (a GradScaler sets found_inf itself, from its own check)
     ok = params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")

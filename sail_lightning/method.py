@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sail_lightning.callbacks import PairGenerationCallback
 from sail_lightning.common import SFT
+from sail_lightning.labellers import Labeller
 from sail_lightning.objectives.losses import get_loss
 from sail_lightning.objectives.options import LossOptions
 from sail_lightning.pair_modes import PairMode, get_pair_mode, pair_mode_names
@@ -60,8 +62,6 @@ class MethodSpec:
         its ``model.*`` options as a mapping), ``PreferenceDataModule``'s ``data``
         and ``PairGenerationCallback``'s ``generation`` (None without that callback), whose
         online pairs ``labeller`` labels (an object, or a class name)."""
-        from sail_lightning.labellers import Labeller
-
         if isinstance(model, LossOptions):
             model = dataclasses.asdict(model)
         fields = {k: model[k] for k in _MODEL_FIELDS if model.get(k) is not None}
@@ -77,8 +77,6 @@ class MethodSpec:
     @classmethod
     def from_trainer(cls, trainer: Any) -> MethodSpec:
         """Reads the spec from a trainer's LightningModule, DataModule and callbacks."""
-        from sail_lightning.callbacks import PairGenerationCallback
-
         dm = trainer.datamodule
         gen = next((c for c in trainer.callbacks if isinstance(c, PairGenerationCallback)), None)
         labeller = None

@@ -9,7 +9,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from sail_lightning.distributed import shard_fsdp2
 from sail_lightning.guard import NonFiniteGuard, fused_kwargs
+from sail_lightning.method import MethodSpec
 from sail_lightning.models import (
     LoraOptions,
     QuantizationOptions,
@@ -27,6 +29,7 @@ from sail_lightning.objectives import (
     sft_loss,
 )
 from sail_lightning.policy_pair import PolicyPair, build_policy_pair
+from sail_lightning.tokenizer import build_tokenizer
 
 _SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 
@@ -137,23 +140,17 @@ class SAILModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.pair is not None:
             return  # idempotent: Lightning may call it again (e.g. when resuming)
-        from sail_lightning.tokenizer import build_tokenizer
-
         self.pair = build_policy_pair(self.hparams, build_tokenizer(self.hparams.tokenizer),
                                       with_reference=self.hparams.loss_type != SFT)
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             # FSDP2 under ModelParallelStrategy: shard here, where the model is built.
-            from sail_lightning.distributed import shard_fsdp2
-
             shard_fsdp2(self.pair.policy, mesh["data_parallel"])
             if self.pair.reference is not None:
                 shard_fsdp2(self.pair.reference, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            from sail_lightning.method import MethodSpec
-
             # Before configure_model builds anything: the method's options must agree.
             spec = MethodSpec.from_trainer(self.trainer)
             spec.check()
@@ -276,6 +273,8 @@ class SAILModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self):
+        # Imported here: transformers.optimization imports bitsandbytes where installed,
+        # which prints a notice about its kernels on every import of this module.
         from transformers import get_scheduler
 
         hp = self.hparams

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -148,8 +149,6 @@ class OnlinePool:
         """Creates the rounds folder and a file in it, or raises naming ``data.pool_dir`` and
         the folder: checked at setup, before training, not after an epoch that a failed
         write of its round would lose (the epoch's checkpoint comes after the round)."""
-        import tempfile
-
         try:
             os.makedirs(self.directory, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".write-check-"):

@@ -26,11 +26,19 @@ from sail_lightning.data.records import (
     records_from_dicts,
 )
 from sail_lightning.data.tokenize import TokenizedPair, check_unk_rate, tokenize_and_filter
-from sail_lightning.labellers import Labeller
+from sail_lightning.interfaces import Labeller
+from sail_lightning.synthetic import SyntheticTask
+from sail_lightning.tokenizer import build_tokenizer
 
 log = logging.getLogger("sail_lightning.data")
 
 SYNTHETIC_SOURCE = "synthetic"
+BUILT_IN_SOURCES = {
+    SYNTHETIC_SOURCE: lambda hp: SyntheticTask().make_pairs(hp["num_synthetic_pairs"],
+                                                            seed=hp["seed"]),
+}
+"""Data made in code, by ``data.source`` name: each makes ``{"prompt", "chosen",
+"rejected"}`` rows from the DataModule's options."""
 _BAD_RECORD_MODES = ("error", "skip")
 
 
@@ -51,8 +59,6 @@ def prepare_pairs(hp: Mapping[str, Any], oracle: Labeller | None) -> PreparedPai
     """Reads ``hp.source`` (and ``hp.val_source``, or holds out ``hp.val_fraction`` by a
     seeded split), tokenizes both, drops pairs left identical by truncation, and counts
     everything in ``stats``. Raises naming the option or the file on bad input."""
-    from sail_lightning.tokenizer import build_tokenizer
-
     if hp["tokenizer"] is None:
         raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer "
                          "or model.model_name_or_path)")
@@ -87,11 +93,9 @@ def prepare_pairs(hp: Mapping[str, Any], oracle: Labeller | None) -> PreparedPai
 
 def _read(hp: Mapping[str, Any], source: str, split: str, limit: int | None,
           totals: dict[str, float]) -> list[PreferenceRecord]:
-    if source == SYNTHETIC_SOURCE:
-        from sail_lightning.synthetic import SyntheticTask
-
-        rows = SyntheticTask().make_pairs(hp["num_synthetic_pairs"], seed=hp["seed"])
-        records, stats = records_from_dicts(rows, "synthetic", fmt="prompt",
+    if source in BUILT_IN_SOURCES:
+        rows = BUILT_IN_SOURCES[source](hp)
+        records, stats = records_from_dicts(rows, source, fmt="prompt",
                                             on_bad_record=hp["on_bad_record"])
     else:
         records, stats = read_preference_records(

@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 
 from sail_lightning.labellers.base import Messages, ScoringLabeller, check_lengths, resolve_callable
-from sail_lightning.models import QuantizationOptions, resolve_quantization
+from sail_lightning.models import QuantizationOptions, load_pretrained, resolve_quantization
+from sail_lightning.tokenizer import build_tokenizer
 
 log = logging.getLogger("sail_lightning.labellers")
 
@@ -119,11 +122,6 @@ class RewardModelLabeller(ScoringLabeller):
         return self
 
     def _load(self) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from sail_lightning.models import load_pretrained
-        from sail_lightning.tokenizer import build_tokenizer
-
         path = self.name_or_path
         if path.startswith(_PATH_STARTS) and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"reward model: no such folder: {path}")
@@ -163,8 +161,6 @@ class RewardModelLabeller(ScoringLabeller):
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], *,
               messages: Messages | None = None) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         n = check_lengths(prompts=prompts, responses=responses, messages=messages)
         if self.model is None:
             self._load()

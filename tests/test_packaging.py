@@ -23,8 +23,11 @@ def wheel_names(tmp_path_factory):
 def test_wheel_ships_the_library_and_its_samples_only(wheel_names):
     assert "sail_lightning/module.py" in wheel_names
     assert "sail_lightning/policy_pair.py" in wheel_names
+    assert "sail_lightning/instructions/task.py" in wheel_names
     for sample in ("ultrafeedback.jsonl.gz", "hh-rlhf-helpful-base.jsonl.gz",
-                   "LICENSE-UltraFeedback", "README.md"):
+                   "LICENSE-UltraFeedback", "README.md", "alpaca-eval-instructions.jsonl.gz",
+                   "vicuna-bench-questions.jsonl.gz", "ultrafeedback-prompts.jsonl.gz",
+                   "LICENSE-AlpacaEval-data-CC-BY-NC-4.0", "LICENSE-FastChat-Apache-2.0"):
         assert f"sail_lightning/data/samples/{sample}" in wheel_names, sample
     # The comparison lives beside the library (benchmarks/), not inside it.
     assert not any(n.startswith(("benchmarks/", "tests/", "sail_lightning/experiments"))

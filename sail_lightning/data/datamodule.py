@@ -39,7 +39,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         source: a local jsonl / jsonl.gz / parquet file or folder, an HF dataset name
-            (``datasets.load_dataset``), or ``"synthetic"`` for the embedded task.
+            (``datasets.load_dataset``), ``"synthetic"`` for the embedded task, or
+            ``"instructions"`` (``"instructions:<seed>"``) for the instructions task's
+            training prompts (``sail_lightning.instructions``; its held-out prompts are then
+            the validation set unless ``val_source`` is set).
         tokenizer: tokenizer name or path (``"synthetic"`` for the embedded task's). Under
             the CLI it is linked from ``model.tokenizer``.
         split: the split to read from a hub dataset.

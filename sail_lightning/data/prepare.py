@@ -26,6 +26,7 @@ from sail_lightning.data.records import (
     records_from_dicts,
 )
 from sail_lightning.data.tokenize import TokenizedPair, check_unk_rate, tokenize_and_filter
+from sail_lightning.instructions.task import InstructionsTask
 from sail_lightning.interfaces import Labeller
 from sail_lightning.synthetic import SyntheticTask
 from sail_lightning.tokenizer import build_tokenizer
@@ -39,6 +40,7 @@ BUILT_IN_SOURCES = {
 }
 """Data made in code, by ``data.source`` name: each makes ``{"prompt", "chosen",
 "rejected"}`` rows from the DataModule's options."""
+INSTRUCTIONS_SOURCE = "instructions"  # sail_lightning.instructions: real prompts, exact reward
 _BAD_RECORD_MODES = ("error", "skip")
 
 
@@ -65,8 +67,12 @@ def prepare_pairs(hp: Mapping[str, Any], oracle: Labeller | None) -> PreparedPai
     tokenizer = build_tokenizer(hp["tokenizer"])
     stats: dict[str, float] = {}
     records = _read(hp, hp["source"], hp["split"], hp["limit"], stats)
-    if hp["val_source"]:
-        train, val = records, _read(hp, hp["val_source"], hp["val_split"], None, stats)
+    val_source, val_split = hp["val_source"], hp["val_split"]
+    if _instructions_seed(hp["source"]) is not None and not val_source:
+        # The task's own held-out prompts, disjoint from its training prompts by design.
+        val_source, val_split = hp["source"], "heldout"
+    if val_source:
+        train, val = records, _read(hp, val_source, val_split, None, stats)
     else:
         g = torch.Generator().manual_seed(hp["seed"])
         order = torch.randperm(len(records), generator=g).tolist()
@@ -97,6 +103,12 @@ def _read(hp: Mapping[str, Any], source: str, split: str, limit: int | None,
         rows = BUILT_IN_SOURCES[source](hp)
         records, stats = records_from_dicts(rows, source, fmt="prompt",
                                             on_bad_record=hp["on_bad_record"])
+    elif (task_seed := _instructions_seed(source)) is not None:
+        # Built pairs (a response meeting every constraint against one breaking some); a
+        # policy's own labelled samples come in as a file (InstructionsTask.label_pairs).
+        rows = InstructionsTask(seed=task_seed).make_pairs(split, limit=limit)
+        records, stats = records_from_dicts(rows, f"instructions[{split}]", fmt="prompt",
+                                            on_bad_record=hp["on_bad_record"])
     else:
         records, stats = read_preference_records(
             source, split=split, fmt=hp["format"], on_bad_record=hp["on_bad_record"],
@@ -109,6 +121,18 @@ def _read(hp: Mapping[str, Any], source: str, split: str, limit: int | None,
     if not records:
         raise ValueError(f"{source}: no usable preference pairs ({stats.summary()})")
     return records
+
+
+def _instructions_seed(source: str | None) -> int | None:
+    """The task seed of ``"instructions"`` (0) or ``"instructions:<seed>"``, else None: the
+    task's own seed, not ``data.seed``, so that a sweep over data seeds keeps its prompts."""
+    name, _, seed = (source or "").partition(":")
+    if name != INSTRUCTIONS_SOURCE:
+        return None
+    if seed and not seed.isdigit():
+        raise ValueError(f"data.source {source!r}: the instructions task is 'instructions' or "
+                         "'instructions:<seed>' (a non-negative integer)")
+    return int(seed or 0)
 
 
 def _fingerprint(records: list[PreferenceRecord]) -> str:

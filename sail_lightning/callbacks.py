@@ -245,7 +245,7 @@ class PairGenerationCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
-                     path, metrics["gen/seconds"])
+                     path, metrics["gen/generation_seconds"])
 
 
 def _true_rewards(oracle: Labeller | None, pairs, records) -> tuple | None:
@@ -268,12 +268,9 @@ def _metrics(round_index: int, pairs, stats: list[dict], truth: list[tuple]) -> 
         "gen/prompts": float(len(pairs)),
         "gen/mean_length": total["tokens"] / max(1, total["generated"]),
         "gen/eos_rate": total["eos"] / max(1, total["generated"]),
-        "gen/seconds": gen_s,
         "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
-        "gen/label_seconds": max(s["label_seconds"] for s in stats),
         # The round's cost split (the slowest rank's, as ranks run in parallel); with
         # gen/write_seconds and gen/round_seconds (the whole round, gathering included).
-        # gen/seconds and gen/label_seconds are the first two under their older names.
         "gen/generation_seconds": gen_s,
         "gen/labelling_seconds": max(s["label_seconds"] for s in stats),
         "gen/reference_seconds": max(s["ref_seconds"] for s in stats),

@@ -42,6 +42,23 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
         g.get("fused") for g in optimizer.param_groups)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The total 2-norm of ``grads`` (None without any), on the device. torch's total norm
+    handles FSDP2's sharded (DTensor) gradients (gathered by a collective, not a host sync);
+    Lightning's grad_norm utility does not."""
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients of the optimizer's own parameters (FSDP1's flat parameters, not the
+    module's views)."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None]
+
+
 class NonFiniteGuard:
     """Keeps non-finite steps out of the weights, and says which step went wrong and why."""
 
@@ -49,6 +66,7 @@ class NonFiniteGuard:
         self.bad_steps: torch.Tensor | None = None  # count, on the device
         self.first_bad: torch.Tensor | None = None  # global step of the first bad one, or -1
         self._loss_finite: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
         self._routes: OrderedDict[int, tuple[str, ...]] = OrderedDict()
         self._parts: dict[int, dict[str, float]] = {}
         self.skipped_synced = 0  # bad steps counted through a host sync (unfused optimizers)
@@ -72,13 +90,10 @@ class NonFiniteGuard:
         optimizer skip it if not. The gradients checked are the optimizer's own parameters'
         (FSDP1's flat parameters, not the module's views), reduced across ranks already."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
         finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
         self._loss_finite = None  # the next step's micro-batches start afresh
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()  # FSDP2: a collective, not a host sync
+        self.grad_norm = norm = grad_norm(optimizer_grads(optimizer))  # logged by the module
+        if norm is not None:
             finite = finite.to(norm.device) & torch.isfinite(norm)
         bad = ~finite
         dist = torch.distributed

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from sail_lightning.distributed import shard_fsdp2
-from sail_lightning.guard import NonFiniteGuard, fused_kwargs
+from sail_lightning.guard import NonFiniteGuard, fused_kwargs, grad_norm, optimizer_grads
 from sail_lightning.method import MethodSpec
 from sail_lightning.models import (
     LoraOptions,
@@ -259,14 +259,16 @@ class SAILModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # No non-finite step updates weights (under 16-mixed, the GradScaler's own job).
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        # No non-finite step updates weights (under 16-mixed, the GradScaler's own job). The
+        # gradient norm is computed once, by the guard (before clipping: what shows a spike).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if not scaler:
             self.guard.before_optimizer_step(optimizer, self.global_step,
                                              world_size=self.trainer.world_size)
         if not self.logging_step():
             return
         self.guard.check(epoch=self.current_epoch, options=self.loss_options, lr=self.hparams.lr)
-        norm = _grad_norm(self.pair.policy)  # before clipping: what shows a spike
+        norm = grad_norm(optimizer_grads(optimizer)) if scaler else self.guard.grad_norm
         if norm is not None:
             self.log("train/grad_norm", norm)
 
@@ -294,16 +296,6 @@ def _label_generator(seed: int, epoch: int, batch_idx: int, rank: int) -> torch.
     # Stateless: nothing to checkpoint, and no rank inherits another's stream on resume.
     key = (seed, epoch, batch_idx, rank)
     return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
-    """The total 2-norm of the model's gradients (None without any). torch's total norm
-    handles FSDP2's sharded (DTensor) gradients; Lightning's grad_norm utility does not."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _as_dict(options: Any) -> Any:

@@ -65,7 +65,7 @@ def dpo_loss(
     """
     if loss_type == "sppo":
         raise ValueError("loss_type='sppo' regresses on win probabilities: use "
-                         "objectives.sppo_loss or sail_loss(..., win_chosen=...)")
+                         "objectives.sppo_loss, or sail_loss with LossOptions(loss_type='sppo')")
     if loss_type not in DPO_FORMS:
         raise ValueError(f"loss_type must be one of {DPO_FORMS}, got {loss_type!r}")
     if not 0.0 <= label_smoothing < 0.5:

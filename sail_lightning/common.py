@@ -4,6 +4,7 @@ objectives, the labellers and the online loop all read (docs/architecture.md, im
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum
 
 import torch
@@ -22,6 +23,13 @@ class Route(IntEnum):
     PP = 2
     PR = 3
 
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The weight dtypes an option may name (``model.torch_dtype``, a reward model's...)."""
+
+PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
+"""How a local path begins (so that a missing one is named as a file, not tried as a hub
+name)."""
 
 SFT = "sft"
 """``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no

@@ -93,3 +93,12 @@ def test_a_cycle_would_be_found():
     graph = GRAPH.copy()
     graph.add_edge("sail_lightning.common", "sail_lightning.objectives")
     assert list(nx.simple_cycles(graph))
+
+
+@pytest.mark.parametrize("names", [("DTYPES", "_DTYPES"), ("PATH_STARTS", "_PATH_STARTS"),
+                                   ("BAD_RECORD_MODES", "_BAD_RECORD_MODES")])
+def test_shared_constants_are_defined_once(names):
+    where = [module_name(p) for p in PACKAGE.rglob("*.py")
+             for node in ast.parse(p.read_text()).body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id in names]
+    assert len(where) == 1, where

@@ -18,6 +18,7 @@ import torch
 
 from sail_lightning.data.mixture import check_epoch_scaling
 from sail_lightning.data.records import (
+    BAD_RECORD_MODES,
     PreferenceRecord,
     ReadStats,
     check_reading_options,
@@ -41,7 +42,6 @@ BUILT_IN_SOURCES = {
 """Data made in code, by ``data.source`` name: each makes ``{"prompt", "chosen",
 "rejected"}`` rows from the DataModule's options."""
 INSTRUCTIONS_SOURCE = "instructions"  # sail_lightning.instructions: real prompts, exact reward
-_BAD_RECORD_MODES = ("error", "skip")
 
 
 @dataclass
@@ -150,8 +150,8 @@ def check_options(args: Mapping[str, Any]) -> None:
     on_bad_record, online_pairs, val_fraction = (args["on_bad_record"], args["online_pairs"],
                                                  args["val_fraction"])
     mix_dp, mix_pp, mix_pr = args["mix_dp"], args["mix_pp"], args["mix_pr"]
-    if on_bad_record not in _BAD_RECORD_MODES:
-        raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
+    if on_bad_record not in BAD_RECORD_MODES:
+        raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_MODES}, "
                          f"got {on_bad_record!r}")
     check_reading_options(args["format"], args["preference"], args["columns"], prefix="data.")
     for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):

@@ -23,6 +23,8 @@ class _NoKernelsNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsNotice())
+# Under HF_HUB_OFFLINE=1 (common on clusters) the kernels package logs one more, from here.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_NoKernelsNotice())
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 
@@ -34,6 +35,17 @@ def check_reference_update(strategy: L.pytorch.strategies.Strategy, lora: bool,
         raise ValueError("PairGenerationCallback.update_reference with model.lora is not "
                          "supported under FSDPStrategy (FSDP1): use "
                          "configs/strategy/fsdp2.yaml, or full fine-tuning (model.lora: null)")
+
+
+def is_pair_generation(class_path: str) -> bool:
+    """Whether a config's callback ``class_path`` names :class:`PairGenerationCallback` or
+    a subclass of it (by type, not by name); False for a path that does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, PairGenerationCallback)
 
 
 class PairGenerationCallback(L.Callback):
@@ -112,6 +124,10 @@ class PairGenerationCallback(L.Callback):
                                self.update_reference)
         if trainer.is_global_zero:  # the rank that writes the round files
             trainer.datamodule.pool.check_writable()
+        # The labellers score where the policy runs (a labeller with its own device keeps it).
+        for labeller in {id(x): x for x in (self.labeller, trainer.datamodule.oracle)
+                         if x is not None}.values():
+            labeller.to(trainer.strategy.root_device)
 
     def labeller_for(self, datamodule) -> Labeller | None:
         """The labeller of online pairs: this callback's, else the data's oracle."""

@@ -9,6 +9,7 @@ from typing import Any
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from sail_lightning.callbacks import is_pair_generation
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.module import SAILModule
 from sail_lightning.resume import check_checkpoint_file
@@ -89,7 +90,7 @@ def _place_logs(config: Any) -> None:
         return  # a logger the config names, or none
     callbacks = trainer.callbacks or []
     generation = next((dict(c.init_args or {}) for c in callbacks
-                       if str(getattr(c, "class_path", "")).endswith("PairGenerationCallback")),
+                       if is_pair_generation(str(getattr(c, "class_path", "")))),
                       None)
     name = MethodSpec.from_options(dict(config.model), dict(config.data), generation).name
     trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",

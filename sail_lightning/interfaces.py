@@ -115,3 +115,20 @@ class ScoringLabeller(Labeller):
                        messages=messages)
         scores_a, scores_b = self.score_pair(prompts, responses_a, responses_b, messages)
         return Labels(scores_a >= scores_b, scores_a, scores_b)
+
+
+class PairwiseJudge(abc.ABC):
+    """A judge that compares two responses without scoring either (an LLM judge): what the
+    evaluation asks of a judge without scores (``EvaluationCallback``)."""
+
+    @abc.abstractmethod
+    def compare(self, prompts: Sequence[str], responses_a: Sequence[str],
+                responses_b: Sequence[str], *, messages: Messages | None = None
+                ) -> torch.Tensor:
+        """Float64 CPU outcomes ``(n,)``: 1 where ``a`` wins, 0 where ``b`` does, 0.5 for a
+        tie (their mean is ``a``'s win rate, ties counting half)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Usage counters so far: ``judge_requests``, ``judge_prompt_tokens``,
+        ``judge_completion_tokens``, ``judge_unparsed``."""

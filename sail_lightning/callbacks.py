@@ -19,7 +19,7 @@ from sail_lightning.distributed import (
     synced_generation,
 )
 from sail_lightning.generation import SamplingOptions
-from sail_lightning.labellers import Labeller
+from sail_lightning.interfaces import Labeller
 from sail_lightning.pair_modes import get_pair_mode
 from sail_lightning.rounds import build_round
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sail_lightning.callbacks import PairGenerationCallback
 from sail_lightning.common import SFT
-from sail_lightning.labellers import Labeller
+from sail_lightning.interfaces import Labeller
 from sail_lightning.objectives.losses import get_loss
 from sail_lightning.objectives.options import LossOptions
 from sail_lightning.pair_modes import PairMode, get_pair_mode, pair_mode_names

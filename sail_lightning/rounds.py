@@ -16,7 +16,7 @@ from sail_lightning.data.pool import OnlinePair
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, decode
-from sail_lightning.labellers import Labeller
+from sail_lightning.interfaces import Labeller
 from sail_lightning.pair_modes import RoundInputs, get_pair_mode
 from sail_lightning.policy_pair import PolicyPair
 

@@ -16,11 +16,9 @@ from typing import Any, ClassVar
 
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
-from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import Labeller
+from sail_lightning.generation import SamplingOptions, generate_responses
+from sail_lightning.interfaces import Labeller
 from sail_lightning.policy_pair import PolicyPair
-
-GENERATION = "PairGenerationCallback"
 
 
 @dataclass
@@ -160,5 +158,3 @@ def ordered(a: float, b: float, a_chosen: bool) -> dict[str, float]:
     return {"chosen": a, "rejected": b} if a_chosen else {"chosen": b, "rejected": a}
 
 
-__all__ = ["GENERATION", "PairMode", "RoundInputs", "Selected", "decode", "get_pair_mode",
-           "make_pair", "one_sample", "ordered", "pair_mode_names", "register"]

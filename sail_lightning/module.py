@@ -114,10 +114,9 @@ class SAILModule(L.LightningModule):
         logprob_chunk_size: int = 0,
     ) -> None:
         super().__init__()
-        _validate(locals())
-        # The objective's options, validated once and handed whole to the objective, the
-        # guard and the method check.
-        self.loss_options = LossOptions.from_mapping(locals())
+        # The objective's options, validated once (with the others) and handed whole to the
+        # objective, the guard and the method check.
+        self.loss_options = _validate(locals())
         # Validation scores the preference loss alone (every pair offline, DPO's route).
         self._val_options = dataclasses.replace(self.loss_options, coef_dp=0.0, coef_pp=0.0,
                                                 coef_pr=0.0, response_term="score_function",
@@ -302,8 +301,9 @@ def _as_dict(options: Any) -> Any:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
 
 
-def _validate(args: dict[str, Any]) -> None:
-    """Option errors name the option, and come before any model is loaded."""
+def _validate(args: dict[str, Any]) -> LossOptions:
+    """Option errors name the option, and come before any model is loaded. Returns the
+    objective's options (``LossOptions``, which check themselves)."""
     if (args["model_name_or_path"] is None) == (args["model_config"] is None):
         raise ValueError("set exactly one of model.model_name_or_path (a hub name or folder) "
                          "and model.model_config (a config dict for a fresh model)")
@@ -312,7 +312,7 @@ def _validate(args: dict[str, Any]) -> None:
     if args["scheduler"] not in _SCHEDULERS:
         raise ValueError(f"model.scheduler must be one of {_SCHEDULERS}, got "
                          f"{args['scheduler']!r}")
-    LossOptions.from_mapping(args)  # the objective's options check themselves
+    options = LossOptions.from_mapping(args)
     for name in ("weight_decay", "logprob_chunk_size"):
         if not args[name] >= 0:  # also refuses NaN
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
@@ -332,3 +332,4 @@ def _validate(args: dict[str, Any]) -> None:
             raise ValueError("model.quantization quantizes weights as they are loaded: set "
                              "model.model_name_or_path (save a model_config model with "
                              "save_pretrained first) instead of model.model_config")
+    return options

@@ -31,6 +31,12 @@ PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 """How a local path begins (so that a missing one is named as a file, not tried as a hub
 name)."""
 
+PAIR_FIELDS = {"win_chosen": 1.0, "win_rejected": 0.0}
+"""Per-pair float fields that a pair mode may set on its pairs (``PairMode.pair_fields``)
+and a loss may read (``PairLoss.fields``), each with the value a pair without it reads as
+in a batch (SPPO's hard labels). Each is a ``TokenizedPair`` field of the same name; the
+round files, the collator and the batches carry them all by this table."""
+
 SFT = "sft"
 """``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
 preference (``sft_loss``); SAIL starts from such a model."""

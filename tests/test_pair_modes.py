@@ -202,6 +202,16 @@ def test_a_mode_refuses_too_few_samples_naming_the_option():
         get_pair_mode("nope")
 
 
+def test_a_mode_can_set_only_known_per_pair_fields():
+    class Unknown(PairMode):
+        name = "unknown_fields"
+        pair_fields = ("confidence",)
+
+    with pytest.raises(ValueError, match="confidence.*PAIR_FIELDS"):
+        register(Unknown)
+    assert "unknown_fields" not in pair_modes.pair_mode_names()
+
+
 def test_every_shipped_mode_is_registered_from_its_own_file():
     names = set(pair_modes.pair_mode_names())
     assert names == {"two_samples", "best_worst", "selm", "xpo", "spin", "sppo"}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from sail_lightning.common import PAIR_FIELDS
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.generation import SamplingOptions, generate_responses
@@ -129,6 +130,9 @@ def register(cls: type[PairMode]) -> type[PairMode]:
     """Class decorator: makes ``cls`` available as ``pair_mode: <cls.name>``."""
     if cls.name in _REGISTRY:
         raise ValueError(f"pair mode {cls.name!r} is registered twice")
+    if unknown := set(cls.pair_fields) - set(PAIR_FIELDS):
+        raise ValueError(f"pair mode {cls.name!r} sets {sorted(unknown)}, which are not "
+                         f"per-pair fields (common.PAIR_FIELDS: {sorted(PAIR_FIELDS)})")
     _REGISTRY[cls.name] = cls()
     return cls
 

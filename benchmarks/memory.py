@@ -46,7 +46,8 @@ child forked from a driver that has imported the libraries and allocated nothing
 saves six imports (a smoke test under a minute). Memory is resident set size (RSS), in MiB
 (2**20 bytes), read from ``/proc/self/status``. Two steps make RSS count what the step holds:
 
-- glibc's mmap threshold is fixed at 1 MiB in every process (``_fixed_mmap_threshold``), so
+- glibc's mmap threshold is fixed at 1 MiB in every process
+  (``sail_lightning.heap.fix_mmap_threshold``, as the CLI does), so
   freed activations go back to the OS instead of staying in its heap by amounts that differ
   between variants (up to 1 GiB here without it);
 - after loading, every weight is copied into the process's own memory and the heap trimmed
@@ -95,6 +96,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from sail_lightning.heap import fix_mmap_threshold
 
 try:
     import sail_lightning  # noqa: F401
@@ -283,24 +286,6 @@ def _module(variant: str, path: str, args: argparse.Namespace):
     return SAILModule(lora=lora, quantization=quant, **common)
 
 
-def _fixed_mmap_threshold(nbytes: int = 2**20) -> int | None:
-    """Makes glibc serve blocks >= ``nbytes`` with mmap, returned to the OS when freed.
-
-    By default glibc raises that threshold after each big free (up to 32 MiB); freed
-    activations then stay in its heap and in RSS, by amounts that differ from variant to
-    variant (measured here: up to 1 GiB for a step whose live tensors peak near 300 MiB).
-    With a fixed threshold RSS follows the memory the step really holds. Returns the
-    threshold, or None where the C library is not glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return nbytes if libc.mallopt(-3, nbytes) == 1 else None  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return None
-
-
 def _own_weights(module) -> None:
     """Copies every weight into the process's own memory.
 
@@ -321,7 +306,7 @@ def _own_weights(module) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    mmap_threshold = _fixed_mmap_threshold()
+    mmap_threshold = fix_mmap_threshold()
     _import_libraries()
     import torch
 

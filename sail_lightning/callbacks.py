@@ -258,6 +258,10 @@ class PairGenerationCallback(L.Callback):
             done = time.perf_counter()
             metrics["gen/write_seconds"] = done - t_write
             metrics["gen/round_seconds"] = done - t0
+            # Online slots of the epoch this round feeds, and how many of them repeat a pair.
+            slots = dm.epoch_counts().pp + dm.epoch_counts().pr
+            metrics["gen/epoch_slots"] = float(slots)
+            metrics["gen/reused_slots"] = float(max(0, slots - len(pairs)))
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),

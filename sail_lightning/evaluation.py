@@ -8,7 +8,9 @@ task its ground truth, so win rates are exact rather than a judge's opinion.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import lightning as L
 import torch
@@ -74,6 +76,7 @@ class EvaluationCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.every_n_epochs = every_n_epochs
         self.seed = seed
+        self.samples: list[dict] = []  # the last evaluation's responses (write_samples)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         judge = self.judge if self.judge is not None else getattr(trainer.datamodule, "oracle",
@@ -91,6 +94,17 @@ class EvaluationCallback(L.Callback):
                                     synced_gpus=synced_generation(trainer))
         for name, value in metrics.items():
             pl_module.log(name, value)
+        if trainer.is_global_zero and trainer.log_dir and self.samples:
+            self.write_samples(os.path.join(trainer.log_dir, "eval",
+                                            f"epoch_{trainer.current_epoch:03d}.jsonl"))
+
+    def write_samples(self, path: str) -> None:
+        """The last evaluation's prompts, responses and scores as jsonl, one prompt a line:
+        what a reader wants to look at next to ``val/eval_reward``."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for row in self.samples:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     @torch.no_grad()
     def evaluate(self, datamodule, pair: PolicyPair, synced_gpus: bool = False
@@ -122,20 +136,31 @@ class EvaluationCallback(L.Callback):
             kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
             pol, ref_lp = pair.pair_logprobs(kl_pairs)
             metrics["val/kl"] = float((pol[:, 0] - ref_lp[:, 0]).mean())
+        prompts = [r.prompt for r in records]
+        texts = [decode(tok, r) for r in policy]
+        ref_texts = None if reference is None else [decode(tok, r) for r in reference]
+        self.samples = [{"prompt": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
+        if ref_texts is not None:
+            for row, text in zip(self.samples, ref_texts, strict=True):
+                row["reference_response"] = text
         if judge is not None:
-            prompts = [r.prompt for r in records]
             messages = [r.messages for r in records]
-            texts = [decode(tok, r) for r in policy]
             chosen = [r.chosen for r in records]
             ours = judge.score(prompts, texts, messages=messages)
             if ours is not None:
                 theirs = chosen_scores = judge.score(prompts, chosen, messages=messages)
                 metrics["val/eval_reward"] = float(ours.mean())
                 metrics["val/win_rate_vs_chosen"] = win_rate(ours, chosen_scores)
-                if reference is not None:
-                    theirs = judge.score(prompts, [decode(tok, r) for r in reference],
-                                         messages=messages)
+                for row, score in zip(self.samples, ours.tolist(), strict=True):
+                    row["score"] = score
+                if ref_texts is not None:
+                    theirs = judge.score(prompts, ref_texts, messages=messages)
+                    # The reference's own reward: with LoRA or a frozen copy it is the
+                    # starting policy, so one evaluation gives the before and the after.
+                    metrics["val/ref_eval_reward"] = float(theirs.mean())
                     metrics["val/win_rate_vs_ref"] = win_rate(ours, theirs)
+                    for row, score in zip(self.samples, theirs.tolist(), strict=True):
+                        row["reference_score"] = score
             elif isinstance(judge, PairwiseJudge):
                 metrics.update(judged_win_rate(judge, prompts, texts, chosen, messages))
         log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})

@@ -82,7 +82,8 @@ class SAILModule(L.LightningModule):
         logprob_chunk_size: response tokens per chunk of the output layer, recomputed in
             backward (0 = the model's full ``(N, T, V)`` logits). Bounds the logits' memory,
             the largest tensors of a step at real vocabularies; refused (ValueError) for
-            models that change logits after their output layer. Tested on one process.
+            models that change logits after their output layer. Default (None): 256 for a
+            vocabulary of 16,384 tokens or more, else 0 (``policy_pair.auto_chunk_size``).
     """
 
     def __init__(
@@ -111,7 +112,7 @@ class SAILModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         scheduler: str = "cosine",
-        logprob_chunk_size: int = 0,
+        logprob_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         # The objective's options, validated once (with the others) and handed whole to the
@@ -314,6 +315,8 @@ def _validate(args: dict[str, Any]) -> LossOptions:
                          f"{args['scheduler']!r}")
     options = LossOptions.from_mapping(args)
     for name in ("weight_decay", "logprob_chunk_size"):
+        if args[name] is None and name == "logprob_chunk_size":
+            continue  # chosen from the vocabulary once the model is built
         if not args[name] >= 0:  # also refuses NaN
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
     if not args["lr"] > 0:  # also refuses NaN

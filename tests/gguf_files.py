@@ -74,9 +74,10 @@ def write_gguf(path: Path, model, tokenizer, *, quantize: bool = False) -> Path:
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = {**backend["model"]["vocab"], **{t["content"]: t["id"] for t in backend["added_tokens"]}}
+    added = {t["content"]: t["id"] for t in backend["added_tokens"]}
+    vocab = {**backend["model"]["vocab"], **added}
     tokens = sorted(vocab, key=vocab.get)
-    special = {t["content"] for t in backend["added_tokens"]}  # control tokens, kept whole
+    special = set(added)  # control tokens: kept whole
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -172,8 +172,10 @@ def plan_epoch(counts: EpochCounts, online_routes: list[int], *, mix_dp: float, 
                 f"data.mix_{name.lower()} > 0 but the pool has no {name} pairs: add "
                 "PairGenerationCallback to trainer.callbacks (configs/method/*.yaml do)")
         if len(pool) < need:
-            log.warning("round %d has %d %s pairs for %d slots: reusing pairs", round_index,
-                        len(pool), name, need)
+            log.warning("round %d has %d %s pairs for the epoch's %d %s slots: %d slots "
+                        "repeat a pair (gen/reused_slots); with PairGenerationCallback."
+                        "prompts_per_round unset, a round has a pair for every slot",
+                        round_index, len(pool), name, need, name, need - len(pool))
         items += [(ONLINE, pool[i % len(pool)], int(route)) for i in range(need)]
     # A stream of its own: the route draw's permutation would put every DP row first.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)

@@ -103,7 +103,7 @@ def summarize(folder: Path, steps: list[dict], threads: int) -> dict:
         "peak_rss_mib": max(s["peak_rss_mib"] for s in steps),
         "rounds": {key: column(key) for key in (
             "gen/reward_mean", "gen/mean_length", "gen/eos_rate", "gen/tokens_per_second",
-            "gen/seconds", "gen/reference_seconds", "gen/reused_slots")},
+            "gen/generation_seconds", "gen/reference_seconds", "gen/reused_slots")},
         "evaluation": {key: column(key) for key in (
             "val/ref_eval_reward", "val/eval_reward", "val/win_rate_vs_ref", "val/kl",
             "val/mean_length")},

@@ -11,6 +11,7 @@ from typing import Any
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from sail_lightning.callbacks import is_pair_generation
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.heap import fix_mmap_threshold
 from sail_lightning.module import SAILModule
@@ -231,7 +232,7 @@ def _place_logs(config: Any, resuming: bool = False) -> None:
         return  # a logger the config names, or none
     callbacks = trainer.callbacks or []
     generation = next((dict(c.init_args or {}) for c in callbacks
-                       if str(getattr(c, "class_path", "")).endswith("PairGenerationCallback")),
+                       if is_pair_generation(str(getattr(c, "class_path", "")))),
                       None)
     name = MethodSpec.from_options(dict(config.model), dict(config.data), generation).name
     save_dir = trainer.default_root_dir or "."

@@ -6,19 +6,23 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sail_lightning.synthetic import SyntheticTask
+
 SYNTHETIC_TOKENIZER = "synthetic"
 """Built-in name of the embedded synthetic task's tokenizer (no file needed)."""
+BUILT_IN = {SYNTHETIC_TOKENIZER: lambda: SyntheticTask().build_tokenizer()}
+"""Tokenizers built in code, by name (no file needed)."""
 
 
 def build_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """Loads a tokenizer by hub name, local folder, or built-in name.
 
     Args:
-        name_or_path: ``"synthetic"`` (``SYNTHETIC_TOKENIZER``) for the tokenizer of
-            ``sail_lightning.synthetic.SyntheticTask()``; anything else goes to
+        name_or_path: a name of ``BUILT_IN`` (``"synthetic"``: the tokenizer of
+            ``sail_lightning.synthetic.SyntheticTask()``); anything else goes to
             ``AutoTokenizer.from_pretrained``, which handles hub names and local folders
             alike (the same code path, so a saved copy loads exactly as the original).
-        **kwargs: Passed to ``AutoTokenizer.from_pretrained``. For ``"synthetic"`` only
+        **kwargs: Passed to ``AutoTokenizer.from_pretrained``. For a built-in tokenizer only
             ``padding_side`` is honoured; the other (loading) options do not apply.
 
     Returns:
@@ -27,10 +31,8 @@ def build_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase
     Raises:
         ValueError: If the tokenizer has neither a pad nor an eos token.
     """
-    if name_or_path == SYNTHETIC_TOKENIZER:
-        from sail_lightning.synthetic import SyntheticTask
-
-        tokenizer = SyntheticTask().build_tokenizer()
+    if name_or_path in BUILT_IN:
+        tokenizer = BUILT_IN[name_or_path]()
         if "padding_side" in kwargs:
             tokenizer.padding_side = kwargs["padding_side"]
     else:

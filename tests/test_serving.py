@@ -128,8 +128,8 @@ def test_an_online_round_is_labelled_through_the_server(url, direct):
     """SAIL-PR pairs of a round (policy samples, the records' messages) scored remotely: each
     pair's scores are the reward model's on its chosen and rejected text."""
     from sail_lightning import rounds
+    from sail_lightning.common import Route
     from sail_lightning.generation import SamplingOptions
-    from sail_lightning.objectives import Route
     from tests.helpers import datamodule, module
 
     policy, dm, n = module(), datamodule(num_synthetic_pairs=40), 6

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb.proto import wandb_internal_pb2
 
 from sail_lightning.cli import main
-from sail_lightning.objectives import Route
+from sail_lightning.common import Route
 from sail_lightning.wandb_samples import COLUMNS, GenerationSamplesCallback, sample_rows
 from tests.conftest import CONFIGS, REPO
 

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sail_lightning.common import Route
 from sail_lightning.data.loaders import (
     EpochPosition,
     EpochView,
@@ -27,8 +28,7 @@ from sail_lightning.data.pool import OnlinePool
 from sail_lightning.data.prepare import SYNTHETIC_SOURCE, check_options, prepare_pairs
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, padded_length
-from sail_lightning.labellers import Labeller
-from sail_lightning.objectives import Route
+from sail_lightning.interfaces import Labeller
 
 log = logging.getLogger("sail_lightning.data")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sail_lightning.common import PAIR_FIELDS
 from sail_lightning.data.records import DROP_REASONS, PreferenceRecord, ReadStats
 
 logger = logging.getLogger("sail_lightning.data")
@@ -34,7 +35,8 @@ class TokenizedPair:
     ref_rejected: float | None = None
     bonus_ids: list[int] | None = None
     ref_bonus: float | None = None
-    # SPPO: each response's estimated probability of beating the policy.
+    # Per-pair fields (common.PAIR_FIELDS). SPPO: each response's estimated probability of
+    # beating the policy.
     win_chosen: float | None = None
     win_rejected: float | None = None
 
@@ -44,7 +46,7 @@ class TokenizedPair:
                 "rejected_ids": self.rejected_ids, "route": int(route),
                 "ref_chosen": self.ref_chosen, "ref_rejected": self.ref_rejected,
                 "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus,
-                "win_chosen": self.win_chosen, "win_rejected": self.win_rejected}
+                **{k: getattr(self, k) for k in PAIR_FIELDS}}
 
 
 def encode_prompts(
@@ -248,9 +250,9 @@ class PreferenceCollator:
                 [float(ex.get(k) or 0.0) for k in ref_keys for ex in examples])
         if has_bonus:
             batch["bonus_mask"] = torch.tensor([bool(ex.get("bonus_ids")) for ex in examples])
-        if any(ex.get("win_chosen") is not None for ex in examples):
-            for key, hard in (("win_chosen", 1.0), ("win_rejected", 0.0)):
+        for key, absent in PAIR_FIELDS.items():
+            if any(ex.get(key) is not None for ex in examples):
                 # float64: the loss casts them to its inputs' dtype, whatever that is.
-                batch[key] = torch.tensor([hard if ex.get(key) is None else float(ex[key])
+                batch[key] = torch.tensor([absent if ex.get(key) is None else float(ex[key])
                                            for ex in examples], dtype=torch.float64)
         return batch

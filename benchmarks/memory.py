@@ -257,8 +257,8 @@ def _batch(vocab: int, shape: dict[str, int], cached_reference: bool) -> dict[st
     per pool (their values do not change the memory)."""
     import torch
 
+    from sail_lightning.common import Route
     from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
-    from sail_lightning.objectives import Route
 
     b, tp, tr = shape["pairs"], shape["prompt_tokens"], shape["response_tokens"]
     g = torch.Generator().manual_seed(SEED)
@@ -316,7 +316,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         return {"variant": "baseline", "rss_after_imports": after_imports,
                 "peak": _peak_mib(), "mmap_threshold": mmap_threshold}
 
-    from sail_lightning.objectives import sail_loss
+    from sail_lightning.objectives import LossOptions, sail_loss
 
     torch.manual_seed(SEED)
     module = _module(args.worker, args.model_dir, args)
@@ -350,7 +350,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             lp, ref = module.logprobs(batch)
             n = batch["route"].shape[0]
             loss, _ = sail_loss(lp[:n], lp[n:], ref[:n], ref[n:], batch["route"],
-                                beta=module.hparams.beta)
+                                LossOptions(beta=module.hparams.beta))
         reset = phase_end("forward") and reset
         loss.backward()
         reset = phase_end("backward") and reset

@@ -58,6 +58,7 @@ def run(folder: Path, threads: int = 1) -> dict:
                                          if p),
            "PATH": os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"]))}
     steps = []
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     for command in documented_commands():
         start, cpu = time.perf_counter(), os.times()
         out = subprocess.run(command, shell=True, cwd=folder, env=env, capture_output=True,
@@ -68,7 +69,10 @@ def run(folder: Path, threads: int = 1) -> dict:
         steps.append({"command": command, "wall_s": round(time.perf_counter() - start, 1),
                       "cpu_s": round(after.children_user + after.children_system
                                      - cpu.children_user - cpu.children_system, 1)})
-    return summarize(folder, steps, threads)
+    results = summarize(folder, steps, threads)
+    results["load_average_1min"] = {"before": round(load_before, 2),
+                                    "after": round(os.getloadavg()[0], 2)}
+    return results
 
 
 def summarize(folder: Path, steps: list[dict], threads: int) -> dict:

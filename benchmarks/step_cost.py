@@ -177,7 +177,7 @@ def time_losses(modules: dict, batches: dict[str, list[dict]], names: list[str],
     """Seconds of the objective alone (``sail_loss`` and the bonus, forward and backward) on
     each method's first batch, given log-probs: what a method adds to a step beyond the
     model's forward and backward, which are the same for all. Best of 5 blocks."""
-    from sail_lightning.objectives import bonus_loss, sail_loss
+    from sail_lightning.objectives import LossOptions, bonus_loss, sail_loss
 
     out = {}
     for name in names:
@@ -192,12 +192,12 @@ def time_losses(modules: dict, batches: dict[str, list[dict]], names: list[str],
             t = time.perf_counter()
             for _ in range(repeat):
                 lp = lp0.clone().requires_grad_(True)
-                loss, _ = sail_loss(
-                    lp[:n], lp[n:2 * n], ref[:n], ref[n:2 * n], batch["route"], beta=hp.beta,
-                    coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
-                    response_term=hp.response_term, baseline=hp.baseline,
-                    generator=torch.Generator().manual_seed(0), metrics=False,
-                    routes=batch.get("routes_present"))
+                loss, _ = sail_loss(lp[:n], lp[n:2 * n], ref[:n], ref[n:2 * n], batch["route"],
+                                    LossOptions(beta=hp.beta, coef_dp=hp.coef_dp,
+                                    coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
+                                    response_term=hp.response_term, baseline=hp.baseline),
+                                    generator=torch.Generator().manual_seed(0), metrics=False,
+                                    routes=batch.get("routes_present"))
                 if "bonus_mask" in batch and hp.bonus_alpha:
                     loss = loss + bonus_loss(lp[2 * n:], ref[2 * n:], batch["bonus_mask"],
                                              alpha=hp.bonus_alpha, beta=hp.beta,

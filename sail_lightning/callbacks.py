@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
+from sail_lightning.common import win_rate
+from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.distributed import (
     all_gather_objects,
     generation_context,
     pad_shard,
     synced_generation,
 )
-from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions
-from sail_lightning.labellers import Labeller
-from sail_lightning.method import PAIR_MODES
+from sail_lightning.interfaces import Labeller
+from sail_lightning.pair_modes import get_pair_mode
 from sail_lightning.rounds import build_round
 
 log = logging.getLogger("sail_lightning.online")
@@ -28,12 +31,21 @@ def check_reference_update(strategy: L.pytorch.strategies.Strategy, lora: bool,
     """Refuses a LoRA reference update under FSDP1 before any training: its adapter weights
     are flat shards outside forward, so the copy into the reference adapter cannot work
     (FSDP2's sharded tensors can be gathered; tested there)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if update_reference and lora and isinstance(strategy, FSDPStrategy):
         raise ValueError("PairGenerationCallback.update_reference with model.lora is not "
                          "supported under FSDPStrategy (FSDP1): use "
                          "configs/strategy/fsdp2.yaml, or full fine-tuning (model.lora: null)")
+
+
+def is_pair_generation(class_path: str) -> bool:
+    """Whether a config's callback ``class_path`` names :class:`PairGenerationCallback` or
+    a subclass of it (by type, not by name); False for a path that does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, PairGenerationCallback)
 
 
 class PairGenerationCallback(L.Callback):
@@ -52,9 +64,10 @@ class PairGenerationCallback(L.Callback):
             ``selm``). Default: the DataModule's ``oracle`` (on the synthetic task, its
             Bradley-Terry oracle).
         sampling: how responses are sampled from the policy.
-        pair_mode: ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO),
-            ``selm``, ``xpo``, ``spin`` (demonstration vs policy sample, no labeller) or
-            ``sppo`` (``num_samples >= 2``, win probabilities from the labeller's scores).
+        pair_mode: a registered pair mode (``sail_lightning.pair_modes``, one file each):
+            ``two_samples`` (SAIL, online DPO), ``best_worst`` (iterative DPO), ``selm``,
+            ``xpo``, ``spin`` (demonstration vs policy sample, no labeller) or ``sppo``
+            (``num_samples >= 2``, win probabilities from the labeller's scores).
         prompts_per_round: prompts sampled per round; default: the online pairs one epoch
             trains on (``data.mix_pp``, ``data.mix_pr``).
         every_n_epochs: regenerate every this many epochs.
@@ -78,8 +91,7 @@ class PairGenerationCallback(L.Callback):
         progress: bool = True,
         score_batch_size: int = 32,
     ) -> None:
-        if pair_mode not in PAIR_MODES:
-            raise ValueError(f"pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
+        mode = get_pair_mode(pair_mode)  # refuses an unknown name, naming the known ones
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if prompts_per_round is not None and prompts_per_round < 0:
@@ -89,9 +101,7 @@ class PairGenerationCallback(L.Callback):
         self.labeller = labeller
         self.sampling = sampling or SamplingOptions()
         self.sampling.validate()
-        if pair_mode == "sppo" and self.sampling.num_samples < 2:
-            raise ValueError("pair_mode=sppo estimates win probabilities among samples: "
-                             f"sampling.num_samples must be >= 2, got {self.sampling.num_samples}")
+        mode.check_sampling(self.sampling)
         self.pair_mode = pair_mode
         self.prompts_per_round = prompts_per_round
         self.every_n_epochs = every_n_epochs
@@ -99,13 +109,12 @@ class PairGenerationCallback(L.Callback):
         self.seed = seed
         self.cache_reference = cache_reference
         self.progress = progress
+        self.last_round_metrics: dict[str, float] = {}  # the latest round's, on rank 0
         self.score_batch_size = score_batch_size
 
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from sail_lightning.data.datamodule import PreferenceDataModule
-
         if not isinstance(trainer.datamodule, PreferenceDataModule):
             raise TypeError("PairGenerationCallback needs a PreferenceDataModule")
         if trainer.reload_dataloaders_every_n_epochs != 1:
@@ -116,6 +125,10 @@ class PairGenerationCallback(L.Callback):
                                self.update_reference)
         if trainer.is_global_zero:  # the rank that writes the round files
             trainer.datamodule.pool.check_writable()
+        # The labellers score where the policy runs (a labeller with its own device keeps it).
+        for labeller in {id(x): x for x in (self.labeller, trainer.datamodule.oracle)
+                         if x is not None}.values():
+            labeller.to(trainer.strategy.root_device)
 
     def labeller_for(self, datamodule) -> Labeller | None:
         """The labeller of online pairs: this callback's, else the data's oracle."""
@@ -252,8 +265,9 @@ class PairGenerationCallback(L.Callback):
             metrics["gen/reused_slots"] = float(max(0, slots - len(pairs)))
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            self.last_round_metrics = metrics  # for summary.ConsoleSummary's epoch line
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
-                     path, metrics["gen/seconds"])
+                     path, metrics["gen/generation_seconds"])
 
 
 def _true_rewards(oracle: Labeller | None, pairs, records) -> tuple | None:
@@ -276,12 +290,9 @@ def _metrics(round_index: int, pairs, stats: list[dict], truth: list[tuple]) -> 
         "gen/prompts": float(len(pairs)),
         "gen/mean_length": total["tokens"] / max(1, total["generated"]),
         "gen/eos_rate": total["eos"] / max(1, total["generated"]),
-        "gen/seconds": gen_s,
         "gen/tokens_per_second": total["tokens"] / max(gen_s, 1e-9),
-        "gen/label_seconds": max(s["label_seconds"] for s in stats),
         # The round's cost split (the slowest rank's, as ranks run in parallel); with
         # gen/write_seconds and gen/round_seconds (the whole round, gathering included).
-        # gen/seconds and gen/label_seconds are the first two under their older names.
         "gen/generation_seconds": gen_s,
         "gen/labelling_seconds": max(s["label_seconds"] for s in stats),
         "gen/reference_seconds": max(s["ref_seconds"] for s in stats),

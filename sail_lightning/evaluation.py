@@ -15,25 +15,22 @@ import os
 import lightning as L
 import torch
 
+from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.distributed import generation_context, synced_generation
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
-from sail_lightning.labellers import JudgeLabeller, Labeller
+from sail_lightning.interfaces import Labeller, PairwiseJudge
 from sail_lightning.policy_pair import PolicyPair
 
 log = logging.getLogger("sail_lightning.eval")
 
 
-def win_rate(scores_a: torch.Tensor, scores_b: torch.Tensor) -> float:
-    """Fraction of prompts where ``a`` scores higher than ``b``; a tie counts half."""
-    wins = (scores_a > scores_b).double() + 0.5 * (scores_a == scores_b).double()
-    return float(wins.mean())
-
-
-def judged_win_rate(judge: JudgeLabeller, prompts: list[str], responses: list[str],
+def judged_win_rate(judge: PairwiseJudge, prompts: list[str], responses: list[str],
                     chosen: list[str], messages: list | None = None) -> dict[str, float]:
     """A pairwise judge's win rate of ``responses`` against the dataset's ``chosen`` ones
-    (both orders per pair, ties half: ``JudgeLabeller.compare``) and the API usage this
-    cost (its counters' growth, so a judge that also labels keeps its own counts)."""
+    (``PairwiseJudge.compare``; ``JudgeLabeller`` asks in both orders, ties half) and the
+    API usage this cost (its counters' growth, so a judge that also labels keeps its own
+    counts)."""
     before = judge.stats()
     outcome = judge.compare(prompts, responses, chosen, messages=messages)
     used = {k: v - before[k] for k, v in judge.stats().items()}
@@ -64,8 +61,8 @@ class EvaluationCallback(L.Callback):
 
     Args:
         judge: a scoring labeller (reward model, callable, oracle) or a pairwise judge
-            (``sail_lightning.labellers.JudgeLabeller``). Default: the DataModule's
-            ``oracle``; without either, win rates are skipped.
+            (``interfaces.PairwiseJudge``: ``sail_lightning.labellers.JudgeLabeller``).
+            Default: the DataModule's ``oracle``; without either, win rates are skipped.
         num_prompts: held-out prompts evaluated (the first ones of the validation split).
         max_new_tokens: response length limit.
         every_n_epochs: during fit, evaluate after every this many epochs.
@@ -81,20 +78,27 @@ class EvaluationCallback(L.Callback):
         self.seed = seed
         self.samples: list[dict] = []  # the last evaluation's responses (write_samples)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        judge = self.judge if self.judge is not None else getattr(trainer.datamodule, "oracle",
+                                                                  None)
+        if judge is not None:
+            judge.to(trainer.strategy.root_device)  # where the policy runs (Labeller.to)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        from sail_lightning.distributed import generation_context, synced_generation
-
         with generation_context(trainer):
             metrics = self.evaluate(trainer.datamodule, pl_module.pair,
                                     synced_gpus=synced_generation(trainer))
         for name, value in metrics.items():
             pl_module.log(name, value)
         if trainer.is_global_zero and trainer.log_dir and self.samples:
-            self.write_samples(os.path.join(trainer.log_dir, "eval",
+            from sail_lightning.run_folder import run_dir
+
+            # The run's own folder, beside its checkpoints (W&B's log_dir is shared by runs).
+            self.write_samples(os.path.join(run_dir(trainer), "eval",
                                             f"epoch_{trainer.current_epoch:03d}.jsonl"))
 
     def write_samples(self, path: str) -> None:
@@ -160,7 +164,7 @@ class EvaluationCallback(L.Callback):
                     metrics["val/win_rate_vs_ref"] = win_rate(ours, theirs)
                     for row, score in zip(self.samples, theirs.tolist(), strict=True):
                         row["reference_score"] = score
-            elif isinstance(judge, JudgeLabeller):
+            elif isinstance(judge, PairwiseJudge):
                 metrics.update(judged_win_rate(judge, prompts, texts, chosen, messages))
         log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
         return metrics

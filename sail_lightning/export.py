@@ -103,6 +103,11 @@ class ExportPolicyCallback(L.Callback):
         dirpath = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir,
                                                "policy")
         if trainer.is_global_zero:
+            if any(os.path.exists(os.path.join(dirpath, f))
+                   for f in ("config.json", "adapter_config.json")):
+                # Said, not silent: a config reused for another model would replace this one.
+                log.warning("export: replacing the model already in %s (an earlier run's)",
+                            dirpath)
             self.kind = export_policy(pl_module.pair, pl_module.hparams.tokenizer, dirpath,
                                       self.merge_lora)
         self.saved_to = dirpath

@@ -238,5 +238,8 @@ def generate_responses(
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
-    """Decodes a response to text, special tokens (bos, eos, pad) dropped."""
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    """Decodes a response to text, special tokens (bos, eos, pad) dropped, and for byte-level
+    BPE bytes that form no character (``tokenizer.decode_text`` says why)."""
+    from sail_lightning.tokenizer import decode_text
+
+    return decode_text(tokenizer, ids)

@@ -26,6 +26,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from sail_lightning.objectives.options import LossOptions
 
 # Loss parts as SAILModule logs them (train/loss/...), and what each points to.
 _PARTS = ("loss/dpo_term", "loss/label_term", "loss/response_term", "loss/bonus_term")
@@ -39,6 +42,23 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
         g.get("fused") for g in optimizer.param_groups)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The total 2-norm of ``grads`` (None without any), on the device. torch's total norm
+    handles FSDP2's sharded (DTensor) gradients (gathered by a collective, not a host sync);
+    Lightning's grad_norm utility does not."""
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients of the optimizer's own parameters (FSDP1's flat parameters, not the
+    module's views)."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None]
+
+
 class NonFiniteGuard:
     """Keeps non-finite steps out of the weights, and says which step went wrong and why."""
 
@@ -46,6 +66,7 @@ class NonFiniteGuard:
         self.bad_steps: torch.Tensor | None = None  # count, on the device
         self.first_bad: torch.Tensor | None = None  # global step of the first bad one, or -1
         self._loss_finite: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
         self._routes: OrderedDict[int, tuple[str, ...]] = OrderedDict()
         self._parts: dict[int, dict[str, float]] = {}
         self.skipped_synced = 0  # bad steps counted through a host sync (unfused optimizers)
@@ -69,13 +90,10 @@ class NonFiniteGuard:
         optimizer skip it if not. The gradients checked are the optimizer's own parameters'
         (FSDP1's flat parameters, not the module's views), reduced across ranks already."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
         finite = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
         self._loss_finite = None  # the next step's micro-batches start afresh
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()  # FSDP2: a collective, not a host sync
+        self.grad_norm = norm = grad_norm(optimizer_grads(optimizer))  # logged by the module
+        if norm is not None:
             finite = finite.to(norm.device) & torch.isfinite(norm)
         bad = ~finite
         dist = torch.distributed
@@ -99,13 +117,14 @@ class NonFiniteGuard:
             for p in params:
                 p.grad = None
 
-    def check(self, *, epoch: int, hparams: Mapping) -> None:
-        """Raises if any step since the start was not finite (one host sync)."""
+    def check(self, *, epoch: int, options: LossOptions, lr: float) -> None:
+        """Raises if any step since the start was not finite (one host sync); the message
+        names the likely option among the objective's ``options`` and the learning rate."""
         if self.bad_steps is None or int(self.bad_steps) == 0:
             return
-        raise FloatingPointError(self.message(epoch=epoch, hparams=hparams))
+        raise FloatingPointError(self.message(epoch=epoch, options=options, lr=lr))
 
-    def message(self, *, epoch: int, hparams: Mapping) -> str:
+    def message(self, *, epoch: int, options: LossOptions, lr: float) -> str:
         count, step = int(self.bad_steps), int(self.first_bad)
         routes = self._routes.get(step)
         parts = self._parts.get(step)
@@ -117,25 +136,26 @@ class NonFiniteGuard:
                 if parts is not None else "loss parts unknown (they are computed on logging "
                 "steps: trainer.log_every_n_steps=1 names them)")
         batch = f"routes in the batch: {', '.join(routes) if routes else 'unknown'}"
-        return f"{where}; {what}; {batch}. {likely_cause(bad_parts, routes, hparams)}"
+        return f"{where}; {what}; {batch}. {likely_cause(bad_parts, routes, options, lr)}"
 
 
-def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None,
-                 hparams: Mapping) -> str:
+def likely_cause(bad_parts: list[str], routes: tuple[str, ...] | None, options: LossOptions,
+                 lr: float) -> str:
     """The option most likely responsible, from what is known."""
     online = routes is None or any(r in ("pp", "pr") for r in routes)
-    if "response_term" in bad_parts and hparams.get("response_term") == "released_code":
+    released = options.response_term == "released_code"
+    if "response_term" in bad_parts and released:
         return ("model.response_term=released_code divides by log pi(y), which nears 0 as "
                 "responses shrink: use score_function, or lower model.coef_pp / coef_pr")
     if "response_term" in bad_parts:
-        return (f"the response term (model.coef_pr={hparams.get('coef_pr')}, "
-                f"coef_pp={hparams.get('coef_pp')}) is not finite: lower them or model.lr")
+        return (f"the response term (model.coef_pr={options.coef_pr}, "
+                f"coef_pp={options.coef_pp}) is not finite: lower them or model.lr")
     if "bonus_term" in bad_parts:
         return f"the exploration bonus is not finite: lower model.bonus_alpha " \
-               f"({hparams.get('bonus_alpha')}) or model.lr"
-    hint = (f"lower model.lr ({hparams.get('lr')}) or raise model.beta ({hparams.get('beta')}); "
+               f"({options.bonus_alpha}) or model.lr"
+    hint = (f"lower model.lr ({lr}) or raise model.beta ({options.beta}); "
             "check the data for empty responses")
-    if not bad_parts and online and hparams.get("response_term") == "released_code":
+    if not bad_parts and online and released:
         hint += ("; with model.response_term=released_code, its division by log pi(y) is a "
                  "common cause")
     return f"Likely: {hint}"
@@ -146,8 +166,6 @@ def fused_kwargs(params: list[torch.nn.Parameter], precision_plugin: object = No
     tensors on CPU or CUDA; not FSDP2's DTensors) and Lightning can clip its gradients (its
     ``*-mixed`` plugin refuses to clip for an optimizer that unscales by itself), else
     ``{}``: the guard then costs a host sync a step."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     if isinstance(precision_plugin, MixedPrecision) or getattr(precision_plugin, "scaler", None):
         return {}  # (a GradScaler sets found_inf itself, from its own check)
     ok = params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")

@@ -8,11 +8,18 @@ checks that they agree, once, before any model is built, and names the method.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PAIR_MODES = ("two_samples", "best_worst", "selm", "xpo", "spin", "sppo")
+from sail_lightning.callbacks import PairGenerationCallback
+from sail_lightning.common import SFT
+from sail_lightning.interfaces import Labeller
+from sail_lightning.objectives.losses import get_loss
+from sail_lightning.objectives.options import LossOptions
+from sail_lightning.pair_modes import PairMode, get_pair_mode, pair_mode_names
+
 _MODEL_FIELDS = ("coef_dp", "coef_pp", "coef_pr", "loss_type", "bonus_alpha", "bonus_form")
 _DATA_FIELDS = ("mix_dp", "mix_pp", "mix_pr")
 
@@ -49,13 +56,14 @@ class MethodSpec:
     update_reference: bool = False
 
     @classmethod
-    def from_options(cls, model: Mapping[str, Any], data: Mapping[str, Any],
+    def from_options(cls, model: LossOptions | Mapping[str, Any], data: Mapping[str, Any],
                      generation: Mapping[str, Any] | None, labeller: Any = None) -> MethodSpec:
-        """The spec of ``SAILModule``'s options ``model``, ``PreferenceDataModule``'s ``data``
+        """The spec of ``SAILModule``'s objective options ``model`` (its ``loss_options``, or
+        its ``model.*`` options as a mapping), ``PreferenceDataModule``'s ``data``
         and ``PairGenerationCallback``'s ``generation`` (None without that callback), whose
         online pairs ``labeller`` labels (an object, or a class name)."""
-        from sail_lightning.labellers import Labeller
-
+        if isinstance(model, LossOptions):
+            model = dataclasses.asdict(model)
         fields = {k: model[k] for k in _MODEL_FIELDS if model.get(k) is not None}
         fields.update({k: data[k] for k in _DATA_FIELDS if data.get(k) is not None})
         gen = dict(generation or {})
@@ -69,8 +77,6 @@ class MethodSpec:
     @classmethod
     def from_trainer(cls, trainer: Any) -> MethodSpec:
         """Reads the spec from a trainer's LightningModule, DataModule and callbacks."""
-        from sail_lightning.callbacks import PairGenerationCallback
-
         dm = trainer.datamodule
         gen = next((c for c in trainer.callbacks if isinstance(c, PairGenerationCallback)), None)
         labeller = None
@@ -78,7 +84,7 @@ class MethodSpec:
             labeller = gen.labeller if gen.labeller is not None else getattr(dm, "oracle", None)
         options = None if gen is None else {"pair_mode": gen.pair_mode,
                                             "update_reference": gen.update_reference}
-        return cls.from_options(dict(trainer.lightning_module.hparams),
+        return cls.from_options(trainer.lightning_module.loss_options,
                                 dict(getattr(dm, "hparams", {}) or {}), options, labeller)
 
     @property
@@ -89,16 +95,14 @@ class MethodSpec:
     def name(self) -> str:
         """A short name for run folders and logs: ``sft``, ``dpo``, ``sail_pr``,
         ``sail_dp+sail_pp``..."""
-        if self.loss_type == "sft":
+        if self.loss_type == SFT:
             return "sft"
         if not self.online:
             offline = "dpo" if self.loss_type == "sigmoid" else self.loss_type
             name = "sail_dp" if self.mix_dp > 0 else offline
             return f"{name}_ref_updates" if self.update_reference else name
-        by_mode = {"selm": "selm", "xpo": "xpo", "best_worst": "iterative_dpo", "spin": "spin",
-                   "sppo": "sppo"}
-        if self.pair_mode in by_mode:
-            return by_mode[self.pair_mode]
+        if self.pair_mode is not None and get_pair_mode(self.pair_mode).method is not None:
+            return get_pair_mode(self.pair_mode).method
         parts = [name for name, on in (("sail_dp", self.mix_dp > 0), ("sail_pp", self.mix_pp > 0),
                                        ("sail_pr" if self.coef_pr > 0 else "online_dpo",
                                         self.mix_pr > 0)) if on]
@@ -108,7 +112,7 @@ class MethodSpec:
         """Every disagreement between the options, each naming the options involved."""
         out = []
         gen = "PairGenerationCallback"
-        if self.loss_type == "sft" and (self.mix_dp or self.online or self.pair_mode
+        if self.loss_type == SFT and (self.mix_dp or self.online or self.pair_mode
                                         or self.bonus_alpha):
             out.append(f"model.loss_type=sft trains on the chosen responses of offline pairs "
                        f"alone: set data.mix_dp, data.mix_pp, data.mix_pr and "
@@ -129,45 +133,70 @@ class MethodSpec:
             if coef > 0 and mix == 0:
                 out.append(f"model.coef_{route}={coef} weighs SAIL-{route.upper()} examples, but "
                            f"data.mix_{route}=0 routes none to SAIL-{route.upper()}")
-        if self.pair_mode not in (None, "two_samples"):
-            if self.mix_pp > 0:
-                out.append(f"data.mix_pp={self.mix_pp}: SAIL-PP pairs are labelled by the "
-                           f"policy, which only {gen}.pair_mode=two_samples does (got "
-                           f"{self.pair_mode!r})")
+        mode = get_pair_mode(self.pair_mode) if self.pair_mode is not None else None
+        fields = () if self.loss_type == SFT else get_loss(self.loss_type).fields
+        if mode is not None and not mode.policy_labels and self.mix_pp > 0:
+            out.append(f"data.mix_pp={self.mix_pp}: SAIL-PP pairs are labelled by the policy, "
+                       f"which only {gen}.pair_mode={_modes('policy_labels')} does (got "
+                       f"{self.pair_mode!r})")
+        if mode is not None and not mode.response_term:
             for route in ("pp", "pr"):
                 coef = getattr(self, f"coef_{route}")
                 if coef > 0:
                     out.append(f"model.coef_{route}={coef}: the response term is derived for "
                                f"two samples of the policy per prompt, "
-                               f"{gen}.pair_mode=two_samples (got {self.pair_mode!r})")
-        if (self.loss_type == "sppo") != (self.pair_mode == "sppo"):
+                               f"{gen}.pair_mode={_modes('response_term')} (got "
+                               f"{self.pair_mode!r})")
+        made = mode.pair_fields if mode is not None else ()
+        if not set(fields) <= set(made):
+            makers = " or ".join(m.name for m in _all_modes() if set(fields) <= set(
+                m.pair_fields))
             out.append(f"model.loss_type={self.loss_type!r} with {gen}.pair_mode="
-                       f"{self.pair_mode!r}: SPPO's squared loss regresses on the win "
-                       "probabilities that only pair_mode=sppo estimates; use both or neither")
-        if self.loss_type == "sppo" and (self.mix_dp > 0 or self.mix_pp > 0):
-            out.append(f"model.loss_type='sppo' with data.mix_dp={self.mix_dp} / data.mix_pp="
-                       f"{self.mix_pp}: SPPO trains on its own pairs (data.mix_pr) alone")
-        if self.pair_mode == "spin" and self.mix_pr > 0 and self.loss_type != "sigmoid":
-            out.append(f"{gen}.pair_mode=spin trains SPIN's logistic loss: model.loss_type="
-                       f"sigmoid (got {self.loss_type!r})")
-        if self.mix_pr > 0 and self.pair_mode not in (None, "spin") and self.labeller is None:
+                       f"{self.pair_mode!r}: the loss reads the per-pair fields "
+                       f"{', '.join(fields)} that only pair_mode={makers} makes; use "
+                       "both or neither")
+        if mode is not None and mode.loss_types is not None and \
+                self.loss_type not in mode.loss_types:
+            out.append(f"model.loss_type={self.loss_type!r} with {gen}.pair_mode="
+                       f"{self.pair_mode!r}: that mode trains model.loss_type="
+                       f"{' or '.join(mode.loss_types)}")
+        if fields and (self.mix_dp > 0 or self.mix_pp > 0):
+            out.append(f"model.loss_type={self.loss_type!r} with data.mix_dp={self.mix_dp} / "
+                       f"data.mix_pp={self.mix_pp}: the loss reads per-pair fields that "
+                       "offline and SAIL-PP pairs lack; it trains on its own pairs "
+                       "(data.mix_pr) alone")
+        if mode is not None and mode.needs_labeller and self.mix_pr > 0 and \
+                self.labeller is None:
             out.append(f"data.mix_pr={self.mix_pr}: online pairs need a labeller: set "
                        f"{gen}.labeller (a reward model, judge, ranker or callable) or "
                        "data.oracle (the task's ground truth)")
-        if self.pair_mode in ("best_worst", "selm", "sppo") and self.labeller is not None \
+        if mode is not None and mode.needs_scores and self.labeller is not None \
                 and not self.labeller_scores:
             out.append(f"{gen}.pair_mode={self.pair_mode} ranks candidates by score, and "
                        f"{self.labeller} has none: use a scoring labeller")
         if self.bonus_alpha > 0:
-            if self.pair_mode not in ("selm", "xpo"):
-                out.append(f"model.bonus_alpha={self.bonus_alpha}: only {gen}.pair_mode=selm "
-                           f"or xpo makes bonus responses (got {self.pair_mode!r})")
-            elif self.bonus_form != self.pair_mode:
+            if mode is None or mode.bonus_form is None:
+                out.append(f"model.bonus_alpha={self.bonus_alpha}: only {gen}.pair_mode="
+                           f"{_modes('bonus_form')} makes bonus responses (got "
+                           f"{self.pair_mode!r})")
+            elif self.bonus_form != mode.bonus_form:
                 out.append(f"model.bonus_form={self.bonus_form!r} with {gen}.pair_mode="
-                           f"{self.pair_mode!r}: use the same method for both")
+                           f"{self.pair_mode!r}: use the bonus of that method, "
+                           f"model.bonus_form={mode.bonus_form!r}")
+        if mode is not None:
+            out.extend(mode.conflicts(self))
         return out
 
     def check(self) -> None:
         """Raises ``ValueError`` listing every conflict (see :meth:`conflicts`)."""
         if problems := self.conflicts():
             raise ValueError("the method's options disagree:\n  - " + "\n  - ".join(problems))
+
+
+def _all_modes() -> list[PairMode]:
+    return [get_pair_mode(name) for name in pair_mode_names()]
+
+
+def _modes(rule: str) -> str:
+    """The registered modes with the rule ``rule`` (a ``PairMode`` attribute), for messages."""
+    return " or ".join(m.name for m in _all_modes() if getattr(m, rule))

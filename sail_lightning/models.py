@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from sail_lightning.common import DTYPES
 
 
 class _NoKernelsNotice(logging.Filter):
@@ -23,6 +23,8 @@ class _NoKernelsNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsNotice())
+# Under HF_HUB_OFFLINE=1 (common on clusters) the kernels package logs one more, from here.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_NoKernelsNotice())
 
 
 @dataclass
@@ -86,8 +88,8 @@ def resolve_quantization(options: QuantizationOptions | dict | None,
     if options.quant_type not in _QUANT_TYPES:
         raise ValueError(f"{name}.quant_type must be one of {_QUANT_TYPES}, "
                          f"got {options.quant_type!r}")
-    if options.compute_dtype is not None and options.compute_dtype not in _DTYPES:
-        raise ValueError(f"{name}.compute_dtype must be one of {sorted(_DTYPES)}, "
+    if options.compute_dtype is not None and options.compute_dtype not in DTYPES:
+        raise ValueError(f"{name}.compute_dtype must be one of {sorted(DTYPES)}, "
                          f"got {options.compute_dtype!r}")
     return options
 
@@ -102,7 +104,7 @@ def bnb_config(options: QuantizationOptions, dtype: torch.dtype | None,
     from transformers import BitsAndBytesConfig
 
     storage = dtype or torch.float32
-    compute = _DTYPES[options.compute_dtype] if options.compute_dtype else storage
+    compute = DTYPES[options.compute_dtype] if options.compute_dtype else storage
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
                               bnb_4bit_use_double_quant=options.double_quant,
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage,
@@ -161,9 +163,9 @@ def load_pretrained(auto_class, name_or_path: str, dtype: torch.dtype | None = N
 def resolve_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in _DTYPES:
-        raise ValueError(f"model.torch_dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"model.torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def build_causal_lm(
@@ -194,6 +196,27 @@ def build_causal_lm(
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         return model.to(dtype) if dtype is not None else model
     return load_pretrained(AutoModelForCausalLM, name_or_path, dtype, quantization)
+
+
+def check_vocabulary(model: nn.Module, tokenizer, *, model_name: str,
+                     tokenizer_name: str | None) -> None:
+    """Refuses a tokenizer whose ids the model cannot embed, naming both sizes, before any
+    step: otherwise the first forward fails deep in the embedding with a bare ``IndexError:
+    index out of range in self`` (e.g. the quickstart's ``tokenizer: synthetic`` left set for
+    a model given by path, or another model family's tokenizer).
+
+    Raises:
+        ValueError: ``len(tokenizer)`` exceeds the model's input embedding rows.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    raise ValueError(
+        f"model.tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model "
+        f"{model_name} embeds only {rows} (its vocab_size): ids from {rows} up would fail in "
+        "the embedding. Use the model's own tokenizer (model.tokenizer: null, or the folder "
+        "the model was saved with), or a model whose vocabulary covers this tokenizer")
 
 
 def _no_cpu_inference_repack(model: nn.Module) -> nn.Module:

@@ -9,7 +9,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from sail_lightning.guard import NonFiniteGuard, fused_kwargs
+from sail_lightning.distributed import shard_fsdp2
+from sail_lightning.guard import NonFiniteGuard, fused_kwargs, grad_norm, optimizer_grads
+from sail_lightning.method import MethodSpec
 from sail_lightning.models import (
     LoraOptions,
     QuantizationOptions,
@@ -17,11 +19,8 @@ from sail_lightning.models import (
     resolve_quantization,
 )
 from sail_lightning.objectives import (
-    BASELINES,
-    BONUS_FORMS,
-    LOSS_TYPES,
-    RESPONSE_TERMS,
     SFT,
+    LossOptions,
     Route,
     bonus_loss,
     length_normalised,
@@ -30,6 +29,7 @@ from sail_lightning.objectives import (
     sft_loss,
 )
 from sail_lightning.policy_pair import PolicyPair, build_policy_pair
+from sail_lightning.tokenizer import build_tokenizer
 
 _SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
 
@@ -58,7 +58,7 @@ class SAILModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         beta: KL strength of DPO (the paper's beta).
         loss_type: DPO-term form: ``sigmoid``, ``robust``, ``hinge``, ``ipo`` or ``sppo`` (SPPO's
-            squared loss on the win probabilities its pairs carry, ``objectives_selfplay``); or
+            squared loss on the win probabilities its pairs carry, ``objectives.losses``); or
             ``sft``: supervised fine-tuning on the chosen responses of the offline pairs (loss
             on response tokens only, ``objectives.sft_loss``), with no reference model built.
         label_smoothing: cDPO / robust DPO epsilon.
@@ -115,7 +115,13 @@ class SAILModule(L.LightningModule):
         logprob_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        _validate(locals())
+        # The objective's options, validated once (with the others) and handed whole to the
+        # objective, the guard and the method check.
+        self.loss_options = _validate(locals())
+        # Validation scores the preference loss alone (every pair offline, DPO's route).
+        self._val_options = dataclasses.replace(self.loss_options, coef_dp=0.0, coef_pp=0.0,
+                                                coef_pr=0.0, response_term="score_function",
+                                                baseline="none")
         # The tokenizer the run uses, saved as such: the CLI hands the same name to the data
         # (data.tokenizer), and Lightning refuses hparams that differ between the two.
         tokenizer = tokenizer or model_name_or_path
@@ -134,23 +140,17 @@ class SAILModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.pair is not None:
             return  # idempotent: Lightning may call it again (e.g. when resuming)
-        from sail_lightning.tokenizer import build_tokenizer
-
         self.pair = build_policy_pair(self.hparams, build_tokenizer(self.hparams.tokenizer),
                                       with_reference=self.hparams.loss_type != SFT)
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             # FSDP2 under ModelParallelStrategy: shard here, where the model is built.
-            from sail_lightning.distributed import shard_fsdp2
-
             shard_fsdp2(self.pair.policy, mesh["data_parallel"])
             if self.pair.reference is not None:
                 shard_fsdp2(self.pair.reference, mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            from sail_lightning.method import MethodSpec
-
             # Before configure_model builds anything: the method's options must agree.
             spec = MethodSpec.from_trainer(self.trainer)
             spec.check()
@@ -173,11 +173,14 @@ class SAILModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------
 
     def on_train_epoch_end(self) -> None:
-        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)  # a sync per epoch
+        self.guard.check(epoch=self.current_epoch, options=self.loss_options,
+                         lr=self.hparams.lr)  # a sync per epoch
 
     def on_fit_start(self) -> None:
         stats = getattr(self.trainer.datamodule, "stats", None)
-        if stats and self.logger is not None:
+        # Once per run: a resumed run continuing its folder has them already (same data:
+        # the checkpoint's fingerprint is checked).
+        if stats and self.logger is not None and not self.trainer.ckpt_path:
             # Counts of kept / skipped / dropped records, so a dashboard shows what was read.
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=0)
 
@@ -189,19 +192,17 @@ class SAILModule(L.LightningModule):
         n = batch["route"].shape[0]
         # The metrics (and their host syncs) only on the steps the logger writes.
         log_now = self.logging_step()
+        opts = self.loss_options
         loss, metrics = sail_loss(
-            lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], beta=hp.beta,
-            coef_dp=hp.coef_dp, coef_pp=hp.coef_pp, coef_pr=hp.coef_pr,
-            response_term=hp.response_term, baseline=hp.baseline,
+            lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n], batch["route"], opts,
             grad_accum=self.trainer.accumulate_grad_batches,
             generator=_label_generator(hp.label_seed, self.current_epoch, batch_idx,
                                        self.global_rank),
-            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, metrics=log_now,
-            win_chosen=batch.get("win_chosen"), win_rejected=batch.get("win_rejected"),
+            metrics=log_now, fields={k: batch.get(k) for k in opts.loss.fields},
             routes=batch.get("routes_present"))
-        if "bonus_mask" in batch and hp.bonus_alpha:
+        if "bonus_mask" in batch and opts.bonus_alpha:
             bonus = bonus_loss(lp[2 * n :], ref[2 * n :], batch["bonus_mask"],
-                               alpha=hp.bonus_alpha, beta=hp.beta, form=hp.bonus_form)
+                               alpha=opts.bonus_alpha, beta=opts.beta, form=opts.bonus_form)
             loss = loss + bonus
             if log_now:
                 metrics["loss/bonus_term"] = bonus.detach()
@@ -215,8 +216,10 @@ class SAILModule(L.LightningModule):
             # most of a tiny model's step. Synced: under DDP the logged loss is the global
             # batch's, as with one process.
             self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+            # Not on the progress bar: a name that long is cut there in an 80-column
+            # terminal; the epoch's summary line (summary.ConsoleSummary) shows accuracies.
             self.log("train/rewards/accuracies", metrics.pop("rewards/accuracies"),
-                     prog_bar=True, batch_size=n)
+                     batch_size=n)
             self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
 
@@ -224,7 +227,7 @@ class SAILModule(L.LightningModule):
         """Policy and reference log-probs of every row of a batch (chosen, rejected[, bonus]),
         per-token means under IPO (``objectives.length_normalised``)."""
         lp, ref, counts = self.pair.logprobs(batch)
-        if self.hparams.loss_type == "ipo":
+        if self.loss_options.loss.length_normalised:
             lp, ref = length_normalised(lp, counts), length_normalised(ref, counts)
         return lp, ref
 
@@ -252,28 +255,32 @@ class SAILModule(L.LightningModule):
         lp, ref = self.logprobs(batch)
         n = batch["route"].shape[0]
         lp_c, lp_r, ref_c, ref_r = lp[:n], lp[n : 2 * n], ref[:n], ref[n : 2 * n]
+        opts = self._val_options
         loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full_like(batch["route"], Route.DPO),
-                            beta=hp.beta, loss_type=hp.loss_type,
-                            label_smoothing=hp.label_smoothing, metrics=False)
+                            opts, metrics=False, fields={k: None for k in opts.loss.fields})
         metrics = preference_metrics(lp_c, lp_r, ref_c, ref_r, beta=hp.beta)
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # No non-finite step updates weights (under 16-mixed, the GradScaler's own job).
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        # No non-finite step updates weights (under 16-mixed, the GradScaler's own job). The
+        # gradient norm is computed once, by the guard (before clipping: what shows a spike).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if not scaler:
             self.guard.before_optimizer_step(optimizer, self.global_step,
                                              world_size=self.trainer.world_size)
         if not self.logging_step():
             return
-        self.guard.check(epoch=self.current_epoch, hparams=self.hparams)
-        norm = _grad_norm(self.pair.policy)  # before clipping: what shows a spike
+        self.guard.check(epoch=self.current_epoch, options=self.loss_options, lr=self.hparams.lr)
+        norm = grad_norm(optimizer_grads(optimizer)) if scaler else self.guard.grad_norm
         if norm is not None:
             self.log("train/grad_norm", norm)
 
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self):
+        # Imported here: transformers.optimization imports bitsandbytes where installed,
+        # which prints a notice about its kernels on every import of this module.
         from transformers import get_scheduler
 
         hp = self.hparams
@@ -295,49 +302,29 @@ def _label_generator(seed: int, epoch: int, batch_idx: int, rank: int) -> torch.
     return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
-    """The total 2-norm of the model's gradients (None without any). torch's total norm
-    handles FSDP2's sharded (DTensor) gradients; Lightning's grad_norm utility does not."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
 def _as_dict(options: Any) -> Any:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options
 
 
-def _validate(args: dict[str, Any]) -> None:
-    """Option errors name the option, and come before any model is loaded."""
+def _validate(args: dict[str, Any]) -> LossOptions:
+    """Option errors name the option, and come before any model is loaded. Returns the
+    objective's options (``LossOptions``, which check themselves)."""
     if (args["model_name_or_path"] is None) == (args["model_config"] is None):
         raise ValueError("set exactly one of model.model_name_or_path (a hub name or folder) "
                          "and model.model_config (a config dict for a fresh model)")
     if args["model_name_or_path"] is None and args["tokenizer"] is None:
         raise ValueError("model.tokenizer is required with model.model_config")
-    checks = [("loss_type", (*LOSS_TYPES, SFT)), ("response_term", RESPONSE_TERMS),
-              ("baseline", BASELINES), ("scheduler", _SCHEDULERS), ("bonus_form", BONUS_FORMS)]
-    for name, allowed in checks:
-        if args[name] not in allowed:
-            raise ValueError(f"model.{name} must be one of {allowed}, got {args[name]!r}")
-    if not args["beta"] > 0:
-        raise ValueError(f"model.beta must be > 0, got {args['beta']}")
-    for name in ("coef_dp", "coef_pp", "coef_pr", "weight_decay", "bonus_alpha",
-                 "logprob_chunk_size"):
+    if args["scheduler"] not in _SCHEDULERS:
+        raise ValueError(f"model.scheduler must be one of {_SCHEDULERS}, got "
+                         f"{args['scheduler']!r}")
+    options = LossOptions.from_mapping(args)
+    for name in ("weight_decay", "logprob_chunk_size"):
         if args[name] is None and name == "logprob_chunk_size":
             continue  # chosen from the vocabulary once the model is built
         if not args[name] >= 0:  # also refuses NaN
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
     if not args["lr"] > 0:  # also refuses NaN
         raise ValueError(f"model.lr must be > 0, got {args['lr']}")
-    if not 0.0 <= args["label_smoothing"] < 0.5:
-        raise ValueError("model.label_smoothing must be in [0, 0.5), got "
-                         f"{args['label_smoothing']}")
-    if args["loss_type"] != "sigmoid" and (args["coef_dp"] or args["coef_pp"] or args["coef_pr"]):
-        raise ValueError("SAIL's extra terms are derived for the sigmoid loss: set "
-                         f"model.loss_type=sigmoid or the model.coef_* options to 0 "
-                         f"(got loss_type={args['loss_type']!r})")
     if args["loss_type"] == SFT and args["ref_model_name_or_path"]:
         raise ValueError("model.loss_type=sft trains without a reference: unset "
                          "model.ref_model_name_or_path")
@@ -352,3 +339,4 @@ def _validate(args: dict[str, Any]) -> None:
             raise ValueError("model.quantization quantizes weights as they are loaded: set "
                              "model.model_name_or_path (save a model_config model with "
                              "save_pretrained first) instead of model.model_config")
+    return options

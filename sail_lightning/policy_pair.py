@@ -23,6 +23,7 @@ from sail_lightning.models import (
     LoraOptions,
     add_lora,
     build_causal_lm,
+    check_vocabulary,
     freeze,
     frozen_copy,
     prepare_quantized,
@@ -232,22 +233,19 @@ class PolicyPair(nn.Module):
     def lean_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drops the rebuildable weights from a Lightning checkpoint's ``state_dict`` (keys
         under ``PREFIX``) and records whether the reference was updated."""
+        checkpoint[REFERENCE_UPDATED] = self.reference_updated
         state = checkpoint.get("state_dict")
         if state is None:
             return
         for key in [k for k in state
                     if k.startswith(PREFIX) and self.rebuildable(k.removeprefix(PREFIX))]:
             del state[key]
-        checkpoint[REFERENCE_UPDATED] = self.reference_updated
 
     def check_checkpoint(self, saved_keys: Iterable[str], checkpoint: dict[str, Any]) -> None:
         """Prepares the pair for a Lightning checkpoint whose weights are ``saved_keys``:
         :meth:`check_saved`, and a warning naming saved weights the pair lacks (non-strict
-        loading would drop them silently). Keys from before the pair (``policy.*``,
-        ``reference.*``) are renamed in the checkpoint's ``state_dict``."""
+        loading would drop them silently)."""
         state = checkpoint.get("state_dict") or {}
-        for key in [k for k in state if k.startswith(("policy.", "reference."))]:
-            state[PREFIX + key] = state.pop(key)
         saved = [k.removeprefix(PREFIX) for k in (state.keys() if state else saved_keys)]
         unexpected = self.check_saved(saved, checkpoint.get(REFERENCE_UPDATED), prefix=PREFIX)
         unexpected = [k for k in unexpected if ".weight." not in k]  # 4-bit quantization state
@@ -261,16 +259,13 @@ class PolicyPair(nn.Module):
         returns the saved keys it does not have (messages name keys as ``prefix + key``).
 
         Restores the reference adapter when the saved reference was updated
-        (``reference_updated``; None for checkpoints from before the flag, which a saved
-        adapter tells all the same).
+        (``reference_updated``: ``lean_checkpoint`` records it in every checkpoint; None, a
+        checkpoint written elsewhere, reads as not updated).
 
         Raises:
             RuntimeError: naming the keys that are missing and cannot be rebuilt.
         """
         saved = set(saved_keys)
-        if reference_updated is None:
-            reference_updated = any(f".{REFERENCE_ADAPTER}." in k for k in saved
-                                    if k.startswith("policy."))
         self.reference_updated = bool(reference_updated)
         if self.reference_updated and self.lora:
             self.add_reference_adapter()  # its weights come from the checkpoint
@@ -331,6 +326,8 @@ def build_policy_pair(options: Mapping[str, Any], tokenizer: Any, *,
     quant = resolve_quantization(options["quantization"])
     policy = build_causal_lm(options["model_name_or_path"], options["model_config"], tokenizer,
                              dtype, options["init_seed"], quant)
+    check_vocabulary(policy, tokenizer, tokenizer_name=options.get("tokenizer"),
+                     model_name=options["model_name_or_path"] or "of model.model_config")
     if quant is not None:
         policy = prepare_quantized(policy, options["gradient_checkpointing"], dtype)
     elif options["gradient_checkpointing"]:

@@ -14,16 +14,24 @@ One score per (prompt, response), in request order, float32 precision; ``null`` 
 model's score is NaN. ``messages`` holds each prompt as ``[role, content]`` turns, rendered
 with the reward model's chat template (if it has one) followed by the response as the
 assistant's turn. A malformed request (lengths differ, wrong types) is refused with 422 and a
-message naming the field. ``GET /health`` answers 200 once the model is loaded.
+message naming the field. ``GET /health`` answers 200 once the model is loaded; LitServe's
+``GET /info`` answers the served settings as ``{"model": {"name_or_path": ..., "max_length": ...,
+"batch_size": ..., "output_field": ...}, "server": {...}}``, which ``RemoteRewardLabeller``
+checks against its own.
+
+SIGTERM (``kill PID``, how Docker, systemd and Kubernetes stop a service) shuts the server
+down as Ctrl+C does: its LitServe workers are stopped and reaped, and the port is free again.
 """
 
 # No ``from __future__ import annotations``: LitServe hands ``decode_request``'s annotation to
 # FastAPI as the request model, which must then be the class itself, not a string.
 
 import argparse
+import inspect
 import logging
 import math
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +47,8 @@ from sail_lightning.labellers import RewardModelLabeller
 log = logging.getLogger("sail_lightning.serving")
 
 ROUTE = "/score"
+# The settings LitServe's GET /info reports (as its "model"): those that change a score.
+INFO_FIELDS = ("name_or_path", "max_length", "batch_size", "output_field")
 # LitServe binds only these; a specific interface is not among its choices.
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 
@@ -145,7 +155,18 @@ def build_server(labeller_kwargs: dict[str, Any], *, device: str = "auto",
     if index:  # LitServe numbers the devices it is given; pin the one asked for instead
         kwargs["device"] = device
     api = RewardModelAPI(kwargs, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-    return ls.LitServer(api, accelerator=kind, devices=1, timeout=timeout)
+    # LitServe's own GET /info shows model_metadata as its "model".
+    return ls.LitServer(api, accelerator=kind, devices=1, timeout=timeout,
+                        model_metadata=served_settings(labeller_kwargs))
+
+
+def served_settings(labeller_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change a score, as ``GET /info`` reports them under ``"model"``
+    (``name_or_path`` as given to ``--model``)."""
+    defaults = {k: v.default
+                for k, v in inspect.signature(RewardModelLabeller).parameters.items()}
+    merged = {**defaults, **{k: v for k, v in labeller_kwargs.items() if v is not None}}
+    return {k: merged.get(k) for k in INFO_FIELDS}
 
 
 HELP = f"""\
@@ -160,6 +181,10 @@ request JSON: {{"prompts": [str, ...], "responses": [str, ...],
 response JSON: {{"scores": [float | null, ...]}}  (one per item, in order; null = NaN)
 errors: 422 for a malformed request (the message names the field), 5xx on server errors.
 health: GET http://HOST:PORT/health answers 200 once the model is loaded.
+info: GET http://HOST:PORT/info answers the served settings (name_or_path, max_length, ...),
+  which
+  RemoteRewardLabeller(max_length=...) checks: pass the --max-length of in-process runs.
+stop: SIGTERM (kill PID) or Ctrl+C; the workers are reaped and the port freed.
 client: sail_lightning.labellers.RemoteRewardLabeller(url="http://HOST:PORT{ROUTE}")
 """
 
@@ -176,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
                    "; the server has no authentication")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-length", type=int, default=1024,
-                   help="longest input in tokens (the left is cut)")
+                   help="longest input in tokens (the left is cut; default 1024, as "
+                   "RewardModelLabeller's; configs/real_text uses 256: pass the same)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--torch-dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default: as saved)")
@@ -210,6 +236,25 @@ def serve_reward(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"serve-reward: --model: no such folder: {args.model}")
     server = build_server(kwargs, device=args.device, max_batch_size=args.max_batch_size,
                           batch_timeout=args.batch_timeout, timeout=args.timeout)
+    _sigterm_as_interrupt()
     # No client.py written to the working directory; one API server process suffices.
     server.run(host=args.host, port=args.port, log_level=args.log_level,
                generate_client_file=False, num_api_servers=1)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM to the main process raises KeyboardInterrupt there, LitServe's one path to a
+    clean shutdown (it stops and reaps its workers); without this the default action kills
+    the main process alone and its workers go on serving on the port. The processes LitServe
+    forks inherit the handler: in them it falls back to SIGTERM's default action, so
+    LitServe's own ``terminate()`` of a worker still ends it."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

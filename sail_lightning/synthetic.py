@@ -48,8 +48,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from sail_lightning.labellers.base import Labels, Messages, ScoringLabeller, check_lengths
-from sail_lightning.tokenizer import SYNTHETIC_TOKENIZER  # noqa: F401 (the task's tokenizer name)
+from sail_lightning.interfaces import Labels, Messages, ScoringLabeller, check_lengths
 
 SEPARATOR = "="
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from sail_lightning.common import Route
 from sail_lightning.data.pool import OnlinePair
-from sail_lightning.objectives import Route
 
 COLUMNS: list[str] = ["round", "route", "prompt", "chosen", "rejected", "score_chosen",
                       "score_rejected"]

@@ -133,7 +133,11 @@ def test_top_level_help_says_what_the_tool_is_and_offers_what_works():
     out = subprocess.run([sys.executable, "-m", "sail_lightning", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for text in ("SAIL and the online DPO family", "serve-reward", "build-models", "{fit,validate}",
+    # Every command in the usage line, as `sail-lightning` (not __main__.py).
+    assert out.stdout.startswith(
+        "usage: sail-lightning [-c CONFIG] {fit,validate,serve-reward,build-models}")
+    for text in ("SAIL and the online DPO family", "Host a reward model over HTTP",
+                 "Train BPE tokenizers",
                  "--trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback"):
         assert text in out.stdout, text
     for gone in ("test", "predict"):  # no test_step / forward: refused, not offered

@@ -21,7 +21,7 @@ from benchmarks.experiments import (
 from benchmarks.experiments.base import fresh_causal_lm, greedy_reward, load_policy, read_pairs
 from benchmarks.experiments.report import t_quantile_975
 from benchmarks.experiments.runs import budget_args, cli_args, write_overlay
-from sail_lightning.evaluation import win_rate
+from sail_lightning.common import win_rate
 from sail_lightning.synthetic import SyntheticTask
 
 

@@ -97,3 +97,14 @@ def test_export_full_finetuning_to_the_default_folder(tmp_path):
     m.pair.policy.eval()
     torch.testing.assert_close(logits(exported, batch), logits(m.pair.policy, batch), rtol=0,
                                atol=0)
+
+
+def test_export_over_an_earlier_model_says_so(tmp_path, caplog):
+    """A config reused for another run writes to the same folder: replaced, but not silently."""
+    first = fit_and_export(SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic"),
+                           tmp_path / "a", dirpath=str(tmp_path / "out"))
+    assert first.kind == "full"
+    with caplog.at_level("WARNING", logger="sail_lightning.export"):
+        fit_and_export(SAILModule(model_config=TINY_CONFIG, tokenizer="synthetic"),
+                       tmp_path / "b", dirpath=str(tmp_path / "out"))
+    assert f"replacing the model already in {tmp_path / 'out'}" in caplog.text

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sail_lightning.guard import NonFiniteGuard, fused_kwargs, likely_cause, supports_found_inf
+from sail_lightning.objectives import LossOptions
 from tests.helpers import fit, module
 
 
@@ -123,9 +124,8 @@ def test_fused_only_for_plain_float_tensors_outside_mixed_precision():
     (["bonus_term"], ("pr",), "score_function", "model.bonus_alpha", None),
 ])
 def test_likely_option(parts, routes, response_term, expected, absent):
-    hp = {"response_term": response_term, "lr": 1e-3, "beta": 0.1, "coef_pr": 0.3,
-          "coef_pp": 0.0, "bonus_alpha": 0.0}
-    text = likely_cause(parts, routes, hp)
+    options = LossOptions(response_term=response_term, beta=0.1, coef_pr=0.3)
+    text = likely_cause(parts, routes, options, lr=1e-3)
     assert expected in text
     assert absent is None or absent not in text
 

@@ -277,14 +277,19 @@ def test_qlora_bf16_trains_the_adapters_under_bf16_mixed(tiny_model_dir, tmp_pat
     assert any("lora_B" in n for n in changed)
 
 
-def test_importing_the_library_and_bitsandbytes_prints_no_kernels_notice():
+@pytest.mark.parametrize("offline", ["", "1"])
+def test_importing_the_library_and_bitsandbytes_prints_no_kernels_notice(offline):
     # bitsandbytes logs a notice about the optional `kernels` package at import on CPUs with
-    # AVX512-BF16, on every run (peft imports it); the library drops that one message.
+    # AVX512-BF16, on every run (peft imports it); the library drops that one message, and
+    # the kernels package's own under HF_HUB_OFFLINE=1.
+    import os
     import subprocess
     import sys
 
     code = "import sail_lightning.cli, peft, bitsandbytes"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env={**env, **({"HF_HUB_OFFLINE": offline} if offline
+                                                     else {})})
     assert out.returncode == 0 and "kernels" not in out.stderr + out.stdout
 

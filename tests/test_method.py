@@ -35,7 +35,7 @@ def spec(**kw) -> MethodSpec:
       "loss_type": "sppo"}, ["model.loss_type='sppo'", "pair_mode='best_worst'"]),
     ({"mix_pr": 1.0, "pair_mode": "sppo", "labeller": "X", "labeller_scores": True},
      ["model.loss_type='sigmoid'", "pair_mode='sppo'"]),
-    ({"mix_pr": 1.0, "pair_mode": "spin", "loss_type": "ipo"}, ["pair_mode=spin", "'ipo'"]),
+    ({"mix_pr": 1.0, "pair_mode": "spin", "loss_type": "ipo"}, ["pair_mode='spin'", "'ipo'"]),
     ({"mix_pr": 0.7, "mix_dp": 0.3, "pair_mode": "sppo", "labeller": "X",
       "labeller_scores": True, "loss_type": "sppo"}, ["model.loss_type='sppo'", "data.mix_dp=0.3"]),
     ({"mix_pr": 1.0, "pair_mode": "sppo", "labeller": "PairwiseRankerLabeller",

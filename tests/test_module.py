@@ -4,9 +4,9 @@ import lightning as L
 import pytest
 import torch
 
+from sail_lightning.common import Route
 from sail_lightning.models import LoraOptions
 from sail_lightning.module import SAILModule
-from sail_lightning.objectives import Route
 from tests.helpers import collate, datamodule, module
 
 
@@ -122,7 +122,7 @@ def test_bad_options_name_the_option(kwargs, option):
 
 
 def test_training_step_computes_metrics_only_on_logging_steps(dm, monkeypatch, tmp_path):
-    import sail_lightning.objectives as objectives
+    import sail_lightning.objectives.sail as objectives
 
     calls = []
     real = objectives.preference_metrics
@@ -169,6 +169,21 @@ def test_grad_norm_is_logged_on_logging_steps_only_and_is_the_total_norm(dm, tmp
     grads = [p.grad.flatten() for p in m.pair.policy.parameters() if p.grad is not None]
     expected = torch.linalg.vector_norm(torch.cat(grads))
     torch.testing.assert_close(logged["train/grad_norm"], expected)
+
+
+def test_a_logging_step_computes_the_gradient_norm_once(dm, tmp_path, monkeypatch):
+    m = tiny_module()
+    m.configure_model()
+    m.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    m.log = lambda name, value, **k: None
+    m.logging_step = lambda: True
+    m.training_step(batch_of(dm, 8), 0).backward()
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    m.on_before_optimizer_step(torch.optim.AdamW(m.pair.policy.parameters()))
+    assert len(calls) == 1  # the guard's, which the log reuses
 
 
 def test_bonus_term_is_added_to_the_loss(dm, tmp_path):

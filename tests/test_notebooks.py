@@ -165,7 +165,7 @@ def test_real_text_notebook(tmp_path, monkeypatch):
     for name in ("sft_curves.png", "sail_pr_curves.png", "reward_histograms.png"):
         assert_png(tmp_path / name)
     assert images(nb) >= 3
-    assert (tmp_path / "models/tiny/sail_pr/config.json").exists()
+    assert (tmp_path / "runs/real_text/sail_pr/version_0/policy/config.json").exists()
     rounds = sorted(tmp_path.glob("runs/real_text/sail_pr/version_0/rounds/round_*.jsonl"))
     assert len(rounds) == 2
     text = json.dumps([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_utils import SyncCounter  # the benchmark's own counter
-from sail_lightning.objectives import Route, dpo_loss, exploration_bonus, margin, sail_loss
+from sail_lightning.objectives import (
+    LossOptions,
+    Route,
+    dpo_loss,
+    exploration_bonus,
+    margin,
+    sail_loss,
+)
 
 BETA = 0.1
 
@@ -34,7 +41,7 @@ def test_reference_values_from_method_doc():
                           atol=1e-6)
     assert losses.mean().item() == pytest.approx(0.377779, abs=1e-6)
     assert dpo_loss(*lp, beta=BETA, loss_type="hinge").mean().item() == pytest.approx(1 / 3)
-    _, metrics = sail_loss(*lp, torch.zeros(3, dtype=torch.long), beta=BETA)
+    _, metrics = sail_loss(*lp, torch.zeros(3, dtype=torch.long), LossOptions(beta=BETA))
     assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)  # a tie is not a win
     assert metrics["rewards/margins"].item() == pytest.approx(1.0)
 
@@ -73,7 +80,8 @@ def test_dpo_loss_rejects_bad_options(bad):
 @pytest.mark.parametrize("form", ["score_function", "released_code"])
 def test_reduces_exactly_to_dpo(routes, coefs, form):
     lp = random_logps(4)
-    loss, _ = sail_loss(*lp, torch.tensor(routes), beta=BETA, response_term=form, **coefs)
+    loss, _ = sail_loss(*lp, torch.tensor(routes), LossOptions(beta=BETA, response_term=form,
+                        **coefs))
     assert torch.equal(loss, dpo_loss(*lp, beta=BETA).mean())
 
 
@@ -89,9 +97,9 @@ def test_label_term_gradient_is_c_ell_grad_ell():
         seed = 11
         # Same seed -> same DP flips in both calls, so the difference is the label term alone.
         coefs = {"coef_dp": c} if route == Route.DP else {"coef_pp": c}
-        with_term, m = sail_loss(*lp, routes, beta=BETA, **coefs,
+        with_term, m = sail_loss(*lp, routes, LossOptions(beta=BETA, **coefs),
                                  generator=torch.Generator().manual_seed(seed))
-        without, _ = sail_loss(*lp, routes, beta=BETA,
+        without, _ = sail_loss(*lp, routes, LossOptions(beta=BETA),
                                generator=torch.Generator().manual_seed(seed))
         g_with = grads(with_term, lp[:2])
         g_without = grads(without, lp[:2])
@@ -121,7 +129,7 @@ def test_score_function_equals_reinforce(baseline):
     n, c = 8, 0.3
     lp = random_logps(n, seed=5)
     routes = torch.tensor([3, 3, 0, 3, 0, 3, 3, 0])
-    loss, m = sail_loss(*lp, routes, beta=BETA, coef_pr=c, baseline=baseline)
+    loss, m = sail_loss(*lp, routes, LossOptions(beta=BETA, coef_pr=c, baseline=baseline))
     g = grads(loss, lp[:2])
     h = (lp[0] - lp[2]) - (lp[1] - lp[3])
     ell = F.logsigmoid(BETA * h)
@@ -143,8 +151,8 @@ def test_released_code_equals_authors_hook(grad_accum):
     lp = random_logps(n, seed=9)
     routes = torch.tensor([3, 2, 3, 0, 3, 2])
     c_pp = 0.2
-    ours, _ = sail_loss(*lp, routes, beta=BETA, coef_pr=c, coef_pp=c_pp,
-                        response_term="released_code", grad_accum=grad_accum)
+    ours, _ = sail_loss(*lp, routes, LossOptions(beta=BETA, coef_pr=c, coef_pp=c_pp,
+                        response_term="released_code"), grad_accum=grad_accum)
     # Lightning divides the loss by the accumulation steps, as TRL's trainer does.
     g_ours = grads(ours / grad_accum, lp[:2])
 
@@ -168,8 +176,8 @@ def test_zero_logprob_on_rows_without_response_term_is_not_nan(form):
     lp = margins_to_logps([1.0, 2.0])  # policy chosen log-probs 10, 20; others exactly 0
     lp_c, lp_r, ref_c, ref_r = lp
     routes = torch.tensor([0, 1])
-    loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, routes, beta=BETA, coef_pr=0.3,
-                        response_term=form, generator=torch.Generator().manual_seed(0))
+    loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, routes, LossOptions(beta=BETA, coef_pr=0.3,
+                        response_term=form), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
 
 
@@ -177,8 +185,8 @@ def test_dp_flip_rate_matches_policy_preference():
     n = 200_000
     for beta_h in (-1.0, 0.0, 2.0):
         lp = margins_to_logps([beta_h] * n)
-        _, m = sail_loss(*lp, torch.full((n,), int(Route.DP)), beta=BETA, coef_dp=0.4,
-                         generator=torch.Generator().manual_seed(0))
+        _, m = sail_loss(*lp, torch.full((n,), int(Route.DP)), LossOptions(beta=BETA,
+                         coef_dp=0.4), generator=torch.Generator().manual_seed(0))
         expected = 1 - 1 / (1 + math.exp(-beta_h))
         assert m["dp/flip_rate"].item() == pytest.approx(expected, abs=0.005)
 
@@ -186,7 +194,7 @@ def test_dp_flip_rate_matches_policy_preference():
 def test_dp_draws_reproducible_with_seeded_generator():
     lp = random_logps(64, seed=1, requires_grad=False)
     routes = torch.full((64,), int(Route.DP))
-    run = lambda s: sail_loss(*lp, routes, beta=BETA, coef_dp=0.4,  # noqa: E731
+    run = lambda s: sail_loss(*lp, routes, LossOptions(beta=BETA, coef_dp=0.4),  # noqa: E731
                               generator=torch.Generator().manual_seed(s))[0]
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
@@ -195,7 +203,7 @@ def test_dp_draws_reproducible_with_seeded_generator():
 def test_flipped_dp_examples_use_negated_margin():
     # beta*h = 40: flip probability ~4e-18, so no flip; beta*h=-40: always flipped.
     lp = margins_to_logps([40.0, -40.0])
-    loss, m = sail_loss(*lp, torch.tensor([1, 1]), beta=BETA,
+    loss, m = sail_loss(*lp, torch.tensor([1, 1]), LossOptions(beta=BETA),
                         generator=torch.Generator().manual_seed(0))
     assert m["dp/flip_rate"].item() == 0.5
     # After the flip both examples have margin +40, so the loss is tiny.
@@ -205,7 +213,7 @@ def test_flipped_dp_examples_use_negated_margin():
 def test_label_term_value_and_per_route_metrics():
     lp = random_logps(4, seed=2, requires_grad=False)
     routes = torch.tensor([0, 2, 2, 0])
-    loss, m = sail_loss(*lp, routes, beta=BETA, coef_pp=0.2)
+    loss, m = sail_loss(*lp, routes, LossOptions(beta=BETA, coef_pp=0.2))
     h = (lp[0] - lp[2]) - (lp[1] - lp[3])
     ell = F.logsigmoid(BETA * h)
     label = (-0.5 * 0.2 * ell**2 * (routes == 2)).sum() / 4
@@ -218,7 +226,7 @@ def test_label_term_value_and_per_route_metrics():
 @pytest.mark.parametrize("bad", [{"response_term": "x"}, {"baseline": "x"}, {"coef_dp": -1.0}])
 def test_sail_loss_rejects_bad_options(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        sail_loss(*random_logps(2), torch.zeros(2, dtype=torch.long), beta=BETA, **bad)
+        sail_loss(*random_logps(2), torch.zeros(2, dtype=torch.long), LossOptions(beta=BETA, **bad))
 
 
 def test_exploration_bonus_forms_and_equivalence():
@@ -245,8 +253,8 @@ def test_metrics_off_gives_the_same_loss_and_gradient_without_their_syncs(form, 
     def run(metrics, routes=route):
         lp = random_logps(len(routes), seed=4)
         with SyncCounter() as counter:
-            loss, m = sail_loss(*lp, routes, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
-                                response_term=form, baseline=baseline, grad_accum=2,
+            loss, m = sail_loss(*lp, routes, LossOptions(beta=BETA, coef_dp=0.2, coef_pp=0.3,
+                                coef_pr=0.4, response_term=form, baseline=baseline), grad_accum=2,
                                 generator=torch.Generator().manual_seed(1), metrics=metrics)
         loss.backward()
         return loss, m, (lp[0].grad, lp[1].grad), counter.syncs
@@ -276,8 +284,8 @@ def test_routes_present_removes_the_loss_syncs_bit_for_bit(form, baseline, rows)
     def run(routes):
         lp = random_logps(len(rows), seed=5)
         with SyncCounter() as counter:
-            loss, _ = sail_loss(*lp, route, beta=BETA, coef_dp=0.2, coef_pp=0.3, coef_pr=0.4,
-                                response_term=form, baseline=baseline, grad_accum=2,
+            loss, _ = sail_loss(*lp, route, LossOptions(beta=BETA, coef_dp=0.2, coef_pp=0.3,
+                                coef_pr=0.4, response_term=form, baseline=baseline), grad_accum=2,
                                 generator=torch.Generator().manual_seed(1), metrics=False,
                                 routes=routes)
         loss.backward()
@@ -295,8 +303,8 @@ def test_mean_baseline_masked_mean_equals_indexed_mean():
     lp = random_logps(12, seed=6)
     for rows in ([Route.PR] * 12, [Route.DPO, Route.PP, Route.PR] * 4):
         route = torch.tensor([int(r) for r in rows])
-        loss, _ = sail_loss(*lp, route, beta=BETA, coef_pp=0.3, coef_pr=0.4, baseline="mean",
-                            metrics=False)
+        loss, _ = sail_loss(*lp, route, LossOptions(beta=BETA, coef_pp=0.3, coef_pr=0.4,
+                            baseline="mean"), metrics=False)
         ell = torch.nn.functional.logsigmoid(BETA * margin(*lp)).detach()
         on = (route == Route.PP) | (route == Route.PR)
         c = torch.tensor([0.0, 0.0, 0.3, 0.4], dtype=torch.float64)[route]
@@ -312,7 +320,8 @@ def test_sail_loss_coefficients_in_the_inputs_dtype():
     # relative, far above float64's 1e-16. The reference is plain Python float64 arithmetic.
     lp_c, lp_r, rlp_c, rlp_r = random_logps(4, seed=5, requires_grad=False)
     routes = torch.tensor([0, 2, 3, 3])
-    loss, _ = sail_loss(lp_c, lp_r, rlp_c, rlp_r, routes, beta=BETA, coef_pp=0.2, coef_pr=0.3)
+    loss, _ = sail_loss(lp_c, lp_r, rlp_c, rlp_r, routes, LossOptions(beta=BETA, coef_pp=0.2,
+                        coef_pr=0.3))
     assert loss.dtype == torch.float64
     ref = 0.0
     for i in range(4):
@@ -332,6 +341,6 @@ def test_rewards_accuracies_compare_in_the_inputs_dtype():
     zeros = torch.zeros(2, dtype=torch.float64)
     assert float(lp_c[0].float()) == float(lp_r[0].float())  # the cast would tie them
     _, m = sail_loss(lp_c, lp_r, zeros, zeros.clone(), torch.zeros(2, dtype=torch.long),
-                     beta=BETA)
+                     LossOptions(beta=BETA))
     assert m["rewards/accuracies"].item() == 0.5  # one strict win, one exact tie
     assert m["rewards/margins"].dtype == torch.float64

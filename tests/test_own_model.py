@@ -80,3 +80,30 @@ def test_own_data_with_a_tokenizer_that_does_not_cover_it_is_warned_and_logged(t
     warning = next(r.getMessage() for r in caplog.records if "unknown token" in r.getMessage())
     assert "'synthetic'" in warning and source in warning
     assert column(metrics(tmp_path), "data/unk_rate")[0] > 0.5
+
+
+def test_a_model_by_path_takes_its_own_tokenizer_over_the_quickstarts(tmp_path,
+                                                                       synthetic_tokenizer):
+    """The quickstart's `tokenizer: synthetic` left set: the model folder's own tokenizer (a
+    larger vocabulary here) is used by the module and the data alike, and a warning says so."""
+    import copy
+
+    tok = copy.deepcopy(synthetic_tokenizer)
+    tok.add_tokens([f"<extra{i}>" for i in range(8)])
+    model_dir = save_tiny_llama(tmp_path / "model", tok, hidden_size=32, seed=0)
+    with pytest.warns(UserWarning, match=r"model.tokenizer: 'synthetic' .* replaced by the "
+                                         r"tokenizer of model.model_name_or_path="):
+        rows = fit_own(tmp_path / "run", f"--model.model_name_or_path={model_dir}")
+    assert column(rows, "val/rewards/accuracies")
+    (hparams,) = (tmp_path / "run").glob("*/version_*/hparams.yaml")
+    assert yaml.safe_load(hparams.read_text())["tokenizer"] == str(model_dir)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_fails_naming_both(tmp_path,
+                                                                          synthetic_tokenizer):
+    model_dir = save_tiny_llama(tmp_path / "model", synthetic_tokenizer, hidden_size=32, seed=0,
+                                vocab_size=12)
+    with pytest.raises(ValueError, match=r"model.tokenizer 'synthetic' has 17 tokens but the "
+                                         rf"model {model_dir} embeds only 12"):
+        fit_own(tmp_path / "run", f"--model.model_name_or_path={model_dir}",
+                "--model.tokenizer=synthetic")

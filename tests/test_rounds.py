@@ -3,8 +3,9 @@
 import pytest
 
 import sail_lightning.rounds as rounds
+from sail_lightning.common import Route
 from sail_lightning.generation import SamplingOptions
-from sail_lightning.objectives import Route
+from sail_lightning.pair_modes import best_worst
 from sail_lightning.synthetic import OracleLabeller
 from tests.helpers import datamodule, module
 
@@ -18,6 +19,7 @@ def test_round_decodes_each_sample_once_and_records_its_pair_texts(pair_mode, mo
         return tok.decode(ids, skip_special_tokens=True)
 
     monkeypatch.setattr(rounds, "decode", counting_decode)
+    monkeypatch.setattr(best_worst, "decode", counting_decode)  # selm's dataset responses
     m, dm, n = module(), datamodule(), 6
     sampling = SamplingOptions(num_samples=3 if pair_mode == "best_worst" else 2,
                                max_new_tokens=6, batch_size=32)

@@ -13,8 +13,14 @@ from sail_lightning.data.pool import OnlinePair
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.method import MethodSpec
-from sail_lightning.objectives import Route, dpo_loss, sail_loss
-from sail_lightning.objectives_selfplay import sppo_loss, win_probabilities
+from sail_lightning.objectives import (
+    LossOptions,
+    Route,
+    dpo_loss,
+    sail_loss,
+    sppo_loss,
+    win_probabilities,
+)
 from sail_lightning.synthetic import OracleLabeller
 from tests.conftest import CONFIGS
 from tests.helpers import datamodule, module
@@ -56,8 +62,9 @@ def test_sail_loss_trains_sppo_on_the_pairs_win_probabilities():
     lp_c, lp_r, ref_c, ref_r = (-(torch.rand(4, generator=g, dtype=D) * 5 + 1) for _ in range(4))
     win_c, win_r = torch.tensor([0.9, 0.6, 0.7, 0.55], dtype=D), torch.tensor(
         [0.1, 0.4, 0.5, 0.2], dtype=D)
-    loss, m = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full((4,), int(Route.PR)), beta=0.1,
-                        loss_type="sppo", win_chosen=win_c, win_rejected=win_r)
+    loss, m = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.full((4,), int(Route.PR)),
+                        LossOptions(beta=0.1, loss_type="sppo"), fields={"win_chosen": win_c,
+                        "win_rejected": win_r})
     a, b = lp_c - ref_c, lp_r - ref_r
     by_hand = (((a - (win_c - 0.5) * 10) ** 2 + (b - (win_r - 0.5) * 10) ** 2) / 2).mean()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-14)
@@ -72,7 +79,8 @@ def test_spin_is_the_logistic_loss_on_demonstration_vs_sample():
     lp_c = torch.tensor([-3.0], dtype=D, requires_grad=True)
     lp_r = torch.tensor([-6.0], dtype=D, requires_grad=True)
     ref_c, ref_r = torch.tensor([-4.0], dtype=D), torch.tensor([-5.0], dtype=D)
-    loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.tensor([int(Route.PR)]), beta=0.1)
+    loss, _ = sail_loss(lp_c, lp_r, ref_c, ref_r, torch.tensor([int(Route.PR)]),
+                        LossOptions(beta=0.1))
     assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-15)
     loss.backward()  # d/d lp_c = -beta sigmoid(-beta h) = -0.1 * sigmoid(-0.2)
     assert lp_c.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.2)), abs=1e-15)

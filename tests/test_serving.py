@@ -128,8 +128,8 @@ def test_an_online_round_is_labelled_through_the_server(url, direct):
     """SAIL-PR pairs of a round (policy samples, the records' messages) scored remotely: each
     pair's scores are the reward model's on its chosen and rejected text."""
     from sail_lightning import rounds
+    from sail_lightning.common import Route
     from sail_lightning.generation import SamplingOptions
-    from sail_lightning.objectives import Route
     from tests.helpers import datamodule, module
 
     policy, dm, n = module(), datamodule(num_synthetic_pairs=40), 6
@@ -201,3 +201,55 @@ def test_serve_reward_bad_options_fail_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: the host must be one LitServe binds
         main(["serve-reward", "--model", str(tmp_path), "--host", "localhost"])
     assert "invalid choice: 'localhost'" in capsys.readouterr().err
+
+
+def _group_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user holds the id: none of ours
+        return False
+    return True
+
+
+def test_sigterm_stops_the_server_and_its_workers(reward_dir, tmp_path):
+    """`kill PID` (SIGTERM, as Docker, systemd and Kubernetes stop a service) shuts the
+    server down as Ctrl+C does: its LitServe workers reaped and the port free again."""
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    args = ["-m", "sail_lightning", "serve-reward", "--model", str(reward_dir), "--port",
+            str(port), "--device", "cpu", "--log-level", "warning"]
+    with running(args, port, tmp_path / "server.log") as proc:
+        proc.send_signal(signal.SIGTERM)  # the main process only, as `kill PID` sends it
+        proc.wait(60)
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "LitServe workers outlived the server"
+        with socket.socket() as s:  # no worker listens on the port
+            # As uvicorn binds: the /health connections' TIME_WAIT does not count, a listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
+
+
+def test_info_reports_the_served_settings_and_the_client_checks_them(url, reward_dir):
+    """The url fixture's server runs with the default --max-length (1024) and --batch-size 4:
+    a client configured as the real-text configs' in-process labeller (256) is refused,
+    naming both values, before anything is scored."""
+    info = requests.get(url.replace("/score", "/info"), timeout=30).json()
+    assert info["model"] == {"name_or_path": str(reward_dir), "max_length": 1024,
+                             "batch_size": 4, "output_field": "logits"}
+    with pytest.raises(ValueError, match=r"max_length=256 here, 1024 served.*--max-length 256"):
+        RemoteRewardLabeller(url, max_length=256).score(PROMPTS[:2], RESP_A[:2])
+    with pytest.raises(ValueError, match=r"model='other/rm' here"):
+        RemoteRewardLabeller(url, model="other/rm").score(PROMPTS[:2], RESP_A[:2])
+    agreed = RemoteRewardLabeller(url, max_length=1024, model=str(reward_dir))
+    assert agreed.score(PROMPTS[:2], RESP_A[:2]).shape == (2,)
+    assert agreed.check_served_settings() is None  # asked once per labeller

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sail_lightning.synthetic import SYNTHETIC_TOKENIZER, SyntheticTask, tiny_llama_config
-from sail_lightning.tokenizer import build_tokenizer
+from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
+from sail_lightning.tokenizer import SYNTHETIC_TOKENIZER, build_tokenizer
 
 TASK = SyntheticTask()
 PROMPT = "d a c b ="  # ideal "a b c d", length 4

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb.proto import wandb_internal_pb2
 
 from sail_lightning.cli import main
-from sail_lightning.objectives import Route
+from sail_lightning.common import Route
 from sail_lightning.wandb_samples import COLUMNS, GenerationSamplesCallback, sample_rows
 from tests.conftest import CONFIGS, REPO
 
@@ -152,16 +152,17 @@ def test_second_run_in_the_same_save_dir_does_not_clash(two_runs):
     run2, summary2, config2 = read_run(second)
     assert run2.run_id != run.run_id and config2["beta"] == 0.2
     assert summary2["gen/round"] == 0.0 and "val/rewards/accuracies" in summary2
-    # The CLI's config.yaml lies in save_dir (overwritten by the second run, no clash), and
-    # checkpoints in save_dir/<project>/<run id>/.
-    saved = yaml.safe_load((two_runs / "config.yaml").read_text())
-    assert saved["trainer"]["logger"]["class_path"].endswith("WandbLogger")
-    assert saved["model"]["beta"] == 0.2
-    for r in (run, run2):
-        assert list((two_runs / "sail-lightning" / r.run_id / "checkpoints").glob("*.ckpt"))
-    # Each run's online rounds in a folder of its own: 2 rounds, then 1, never overwritten.
-    for r, n in ((run, 2), (run2, 1)):
-        assert len(list((two_runs / r.run_id / "rounds").glob("round_*.jsonl"))) == n
+    # One folder per run, save_dir/<project>/<run id>/, holding its config.yaml, checkpoints
+    # and online rounds (2 rounds, then 1): nothing of the first run overwritten.
+    assert not (two_runs / "config.yaml").exists()
+    for r, beta, n in ((run, 0.1, 2), (run2, 0.2, 1)):
+        folder = two_runs / "sail-lightning" / r.run_id
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+        assert saved["model"]["beta"] == beta
+        assert list((folder / "checkpoints").glob("*.ckpt"))
+        assert len(list((folder / "rounds").glob("round_*.jsonl"))) == n
+        assert list((folder / "eval").glob("epoch_*.jsonl"))  # the evaluation's responses
 
 
 def test_samples_table_logged_once_per_round(two_runs):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import encode_responses
-from sail_lightning.evaluation import win_rate
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import RewardModelLabeller, prompt_response_ids
 from sail_lightning.models import build_causal_lm

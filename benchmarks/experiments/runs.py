@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
+from sail_lightning.common import win_rate
 from sail_lightning.data.mixture import offline_pairs_for
-from sail_lightning.evaluation import win_rate
 from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -259,7 +259,7 @@ def evaluate_policy(policy_dir: str, prompts: list[str], base_rewards: torch.Ten
         base_rewards: true rewards of the base policy's greedy responses to ``prompts``.
 
     Returns:
-        ``{"win_rate", "true_reward"}``; ties count half (``evaluation.win_rate``).
+        ``{"win_rate", "true_reward"}``; ties count half (``common.win_rate``).
     """
     model, tok = load_policy(policy_dir)
     _, rewards = greedy_reward(model, tok, prompts, task)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sail_lightning.common import Route
 from sail_lightning.data.loaders import (
     EpochPosition,
     EpochView,
@@ -27,8 +28,7 @@ from sail_lightning.data.pool import OnlinePool
 from sail_lightning.data.prepare import SYNTHETIC_SOURCE, check_options, prepare_pairs
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, padded_length
-from sail_lightning.labellers import Labeller
-from sail_lightning.objectives import Route
+from sail_lightning.interfaces import Labeller
 
 log = logging.getLogger("sail_lightning.data")
 
@@ -261,14 +261,11 @@ class PreferenceDataModule(L.LightningDataModule):
 
 
 def _run_dir(trainer: L.Trainer, name: str) -> str:
-    """``<trainer.log_dir>/<name>``: the run's own folder."""
-    root = trainer.log_dir or trainer.default_root_dir
-    version = getattr(trainer.logger, "version", None) if trainer.logger else None
-    if version is not None and not os.path.basename(os.path.normpath(root)).endswith(
-            str(version)):
-        # Loggers whose log_dir is their shared save_dir (W&B): one folder per run, or a
-        # second run would overwrite the first one's rounds.
-        root = os.path.join(root, str(version))
-    return os.path.join(root, name)
+    """``<run folder>/<name>``: the run's own folder, its checkpoints' (``run_folder.run_dir``:
+    for W&B ``<save_dir>/<project>/<run id>``, so a second run does not overwrite the
+    first one's rounds)."""
+    from sail_lightning.run_folder import run_dir
+
+    return os.path.join(run_dir(trainer), name)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sail_lightning.objectives import Route
+from sail_lightning.common import Route
 
 log = logging.getLogger("sail_lightning.data")
 

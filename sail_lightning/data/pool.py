@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
+from sail_lightning.common import PAIR_FIELDS, Route
 from sail_lightning.data.mixture import OFFLINE
 from sail_lightning.data.tokenize import TokenizedPair
-from sail_lightning.objectives import Route
 
 
 @dataclass
@@ -51,8 +52,7 @@ class OnlinePair:
             "scores": self.scores, "prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids,
             "rejected_ids": p.rejected_ids, "ref_chosen": p.ref_chosen,
             "ref_rejected": p.ref_rejected, "bonus_ids": p.bonus_ids, "ref_bonus": p.ref_bonus,
-            **({"win_chosen": p.win_chosen, "win_rejected": p.win_rejected}
-               if p.win_chosen is not None else {}),
+            **{k: getattr(p, k) for k in PAIR_FIELDS if getattr(p, k) is not None},
             **self.extra,
         }
 
@@ -60,10 +60,10 @@ class OnlinePair:
     def from_json(cls, d: dict) -> OnlinePair:
         pair = TokenizedPair(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"],
                              d.get("ref_chosen"), d.get("ref_rejected"), d.get("bonus_ids"),
-                             d.get("ref_bonus"), d.get("win_chosen"), d.get("win_rejected"))
+                             d.get("ref_bonus"), **{k: d.get(k) for k in PAIR_FIELDS})
         known = {"round", "prompt_index", "route", "seed", "label", "prompt", "chosen",
                  "rejected", "scores", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen",
-                 "ref_rejected", "bonus_ids", "ref_bonus", "win_chosen", "win_rejected"}
+                 "ref_rejected", "bonus_ids", "ref_bonus", *PAIR_FIELDS}
         return cls(prompt=d["prompt"], chosen=d["chosen"], rejected=d["rejected"], pair=pair,
                    route=int(Route[d["route"].upper()]), round=d["round"],
                    prompt_index=d["prompt_index"], seed=d["seed"], label=d["label"],
@@ -148,8 +148,6 @@ class OnlinePool:
         """Creates the rounds folder and a file in it, or raises naming ``data.pool_dir`` and
         the folder: checked at setup, before training, not after an epoch that a failed
         write of its round would lose (the epoch's checkpoint comes after the round)."""
-        import tempfile
-
         try:
             os.makedirs(self.directory, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".write-check-"):

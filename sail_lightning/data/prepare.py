@@ -18,6 +18,7 @@ import torch
 
 from sail_lightning.data.mixture import check_epoch_scaling
 from sail_lightning.data.records import (
+    BAD_RECORD_MODES,
     PreferenceRecord,
     ReadStats,
     check_reading_options,
@@ -26,13 +27,21 @@ from sail_lightning.data.records import (
     records_from_dicts,
 )
 from sail_lightning.data.tokenize import TokenizedPair, check_unk_rate, tokenize_and_filter
-from sail_lightning.labellers import Labeller
+from sail_lightning.instructions.task import InstructionsTask
+from sail_lightning.interfaces import Labeller
+from sail_lightning.synthetic import SyntheticTask
+from sail_lightning.tokenizer import build_tokenizer
 
 log = logging.getLogger("sail_lightning.data")
 
 SYNTHETIC_SOURCE = "synthetic"
+BUILT_IN_SOURCES = {
+    SYNTHETIC_SOURCE: lambda hp: SyntheticTask().make_pairs(hp["num_synthetic_pairs"],
+                                                            seed=hp["seed"]),
+}
+"""Data made in code, by ``data.source`` name: each makes ``{"prompt", "chosen",
+"rejected"}`` rows from the DataModule's options."""
 INSTRUCTIONS_SOURCE = "instructions"  # sail_lightning.instructions: real prompts, exact reward
-_BAD_RECORD_MODES = ("error", "skip")
 
 
 @dataclass
@@ -52,8 +61,6 @@ def prepare_pairs(hp: Mapping[str, Any], oracle: Labeller | None) -> PreparedPai
     """Reads ``hp.source`` (and ``hp.val_source``, or holds out ``hp.val_fraction`` by a
     seeded split), tokenizes both, drops pairs left identical by truncation, and counts
     everything in ``stats``. Raises naming the option or the file on bad input."""
-    from sail_lightning.tokenizer import build_tokenizer
-
     if hp["tokenizer"] is None:
         raise ValueError("data.tokenizer is not set (the CLI links it from model.tokenizer "
                          "or model.model_name_or_path)")
@@ -92,15 +99,11 @@ def prepare_pairs(hp: Mapping[str, Any], oracle: Labeller | None) -> PreparedPai
 
 def _read(hp: Mapping[str, Any], source: str, split: str, limit: int | None,
           totals: dict[str, float]) -> list[PreferenceRecord]:
-    if source == SYNTHETIC_SOURCE:
-        from sail_lightning.synthetic import SyntheticTask
-
-        rows = SyntheticTask().make_pairs(hp["num_synthetic_pairs"], seed=hp["seed"])
-        records, stats = records_from_dicts(rows, "synthetic", fmt="prompt",
+    if source in BUILT_IN_SOURCES:
+        rows = BUILT_IN_SOURCES[source](hp)
+        records, stats = records_from_dicts(rows, source, fmt="prompt",
                                             on_bad_record=hp["on_bad_record"])
     elif (task_seed := _instructions_seed(source)) is not None:
-        from sail_lightning.instructions import InstructionsTask
-
         # Built pairs (a response meeting every constraint against one breaking some); a
         # policy's own labelled samples come in as a file (InstructionsTask.label_pairs).
         rows = InstructionsTask(seed=task_seed).make_pairs(split, limit=limit)
@@ -147,8 +150,8 @@ def check_options(args: Mapping[str, Any]) -> None:
     on_bad_record, online_pairs, val_fraction = (args["on_bad_record"], args["online_pairs"],
                                                  args["val_fraction"])
     mix_dp, mix_pp, mix_pr = args["mix_dp"], args["mix_pp"], args["mix_pr"]
-    if on_bad_record not in _BAD_RECORD_MODES:
-        raise ValueError(f"data.on_bad_record must be one of {_BAD_RECORD_MODES}, "
+    if on_bad_record not in BAD_RECORD_MODES:
+        raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_MODES}, "
                          f"got {on_bad_record!r}")
     check_reading_options(args["format"], args["preference"], args["columns"], prefix="data.")
     for name, value in (("mix_dp", mix_dp), ("mix_pp", mix_pp), ("mix_pr", mix_pr)):
@@ -161,6 +164,16 @@ def check_options(args: Mapping[str, Any]) -> None:
     if mix_pp + mix_pr >= 1.0 - 1e-9 and not online_pairs:
         raise ValueError("data.online_pairs must be set when data.mix_pp + data.mix_pr = 1 "
                          "(training on online pairs alone)")
+    if online_pairs and mix_pp + mix_pr < 1.0 - 1e-9:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        # Below 1 the offline pairs set the epoch's size (data.epoch_scaling): said, since
+        # the option reads as if it set the number of online pairs.
+        rank_zero_warn(
+            f"data.online_pairs={online_pairs} is ignored: it sets an epoch's size only when "
+            f"data.mix_pp + data.mix_pr = 1 (here {mix_pp + mix_pr:g}); below 1 the online "
+            "pairs are a share of an epoch sized by the offline pairs (data.epoch_scaling). "
+            "Unset it, or set the mixture to 1 to train on online pairs alone")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     if args["length_buckets"] < 0:

@@ -16,12 +16,13 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from sail_lightning.common import PATH_STARTS
+
 logger = logging.getLogger("sail_lightning.data")
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet")
 # What a folder source reads; a bare ".gz" is read only when named (its content is a guess).
 DIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-_PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 
 
 class RecordError(ValueError):
@@ -161,7 +162,7 @@ def _iter_file(path: str) -> Iterator[Item]:
 
 def looks_like_path(source: str) -> bool:
     """Whether ``source`` names a local file (missing: an error) rather than a hub dataset."""
-    return source.startswith(_PATH_STARTS) or source.endswith(_FILE_SUFFIXES)
+    return source.startswith(PATH_STARTS) or source.endswith(_FILE_SUFFIXES)
 
 
 def _list_folder(source: str, path: str) -> tuple[list[str], list[str]]:

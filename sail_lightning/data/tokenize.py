@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sail_lightning.common import PAIR_FIELDS
 from sail_lightning.data.records import DROP_REASONS, PreferenceRecord, ReadStats
 
 logger = logging.getLogger("sail_lightning.data")
@@ -34,7 +35,8 @@ class TokenizedPair:
     ref_rejected: float | None = None
     bonus_ids: list[int] | None = None
     ref_bonus: float | None = None
-    # SPPO: each response's estimated probability of beating the policy.
+    # Per-pair fields (common.PAIR_FIELDS). SPPO: each response's estimated probability of
+    # beating the policy.
     win_chosen: float | None = None
     win_rejected: float | None = None
 
@@ -44,7 +46,7 @@ class TokenizedPair:
                 "rejected_ids": self.rejected_ids, "route": int(route),
                 "ref_chosen": self.ref_chosen, "ref_rejected": self.ref_rejected,
                 "bonus_ids": self.bonus_ids, "ref_bonus": self.ref_bonus,
-                "win_chosen": self.win_chosen, "win_rejected": self.win_rejected}
+                **{k: getattr(self, k) for k in PAIR_FIELDS}}
 
 
 def encode_prompts(
@@ -59,10 +61,12 @@ def encode_prompts(
         texts = [tokenizer.apply_chat_template(
             [{"role": role, "content": content} for role, content in r.messages],
             add_generation_prompt=True, tokenize=False) for r in records]
-        # The template already holds any bos token: do not add it twice.
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # The template already holds any bos token: do not add it twice. verbose=False: no
+        # "sequence length is longer than ... indexing errors" warning, the ids are cut here.
+        ids = (tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+               if texts else [])
     else:
-        ids = tokenizer([r.prompt for r in records])["input_ids"] if records else []
+        ids = tokenizer([r.prompt for r in records], verbose=False)["input_ids"] if records else []
     return [x[-max_length:] for x in ids]
 
 
@@ -73,7 +77,7 @@ def encode_responses(tokenizer, texts: Sequence[str], max_length: int) -> list[l
     if getattr(tokenizer, "chat_template", None):
         # Chat templates render assistant turns trimmed; raw HH keeps "Assistant: reply".
         texts = [t.lstrip() for t in texts]
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]  # cut here
     return [(x + [tokenizer.eos_token_id])[:max_length] for x in ids]
 
 
@@ -156,7 +160,7 @@ def unk_rate(tokenizer, texts: Sequence[str]) -> float:
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not texts:
         return 0.0
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     total = sum(len(x) for x in ids)
     return sum(x.count(unk) for x in ids) / total if total else 0.0
 
@@ -246,9 +250,9 @@ class PreferenceCollator:
                 [float(ex.get(k) or 0.0) for k in ref_keys for ex in examples])
         if has_bonus:
             batch["bonus_mask"] = torch.tensor([bool(ex.get("bonus_ids")) for ex in examples])
-        if any(ex.get("win_chosen") is not None for ex in examples):
-            for key, hard in (("win_chosen", 1.0), ("win_rejected", 0.0)):
+        for key, absent in PAIR_FIELDS.items():
+            if any(ex.get(key) is not None for ex in examples):
                 # float64: the loss casts them to its inputs' dtype, whatever that is.
-                batch[key] = torch.tensor([hard if ex.get(key) is None else float(ex[key])
+                batch[key] = torch.tensor([absent if ex.get(key) is None else float(ex[key])
                                            for ex in examples], dtype=torch.float64)
         return batch

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from sail_lightning.instructions.task import InstructionsTask
-from sail_lightning.labellers.base import Labels, Messages, ScoringLabeller, check_lengths
+from sail_lightning.interfaces import Labels, Messages, ScoringLabeller, check_lengths
 
 
 class InstructionsOracle(ScoringLabeller):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sail_lightning.interfaces import PairwiseJudge
 from sail_lightning.labellers.base import Labeller, Labels, Messages, check_lengths
 from sail_lightning.labellers.remote import RemoteServiceError
 
@@ -71,7 +72,7 @@ def render_prompt(prompt: str, turns: Sequence[Sequence[str]] | None) -> str:
     return "\n".join(f"{role}: {content}" for role, content in turns)
 
 
-class JudgeLabeller(Labeller):
+class JudgeLabeller(Labeller, PairwiseJudge):
     """Pairwise verdicts of an LLM behind an OpenAI-compatible chat API (official ``openai``
     client); it has no scores (``score`` returns None).
 

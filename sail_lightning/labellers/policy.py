@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sail_lightning.data.tokenize import TokenizedPair, encode_responses
 from sail_lightning.labellers.base import Labeller, Labels, Messages, check_lengths
 from sail_lightning.objectives import margin, self_label_probability
 
@@ -41,8 +42,6 @@ class PolicyLabeller(Labeller):
     def probabilities(self, prompt_ids: Sequence[list[int]], ids_a: Sequence[list[int]],
                       ids_b: Sequence[list[int]]) -> torch.Tensor:
         """``sigmoid(beta * h)`` per pair, in float64 on the CPU."""
-        from sail_lightning.data.tokenize import TokenizedPair
-
         n = check_lengths(prompts=prompt_ids, responses_a=ids_a, responses_b=ids_b)
         pairs = [TokenizedPair(list(prompt_ids[k]), list(ids_a[k]), list(ids_b[k]))
                  for k in range(n)]
@@ -60,8 +59,6 @@ class PolicyLabeller(Labeller):
         check_lengths(prompts=prompts, responses_a=responses_a, responses_b=responses_b)
         if self.tokenizer is None:
             raise ValueError("PolicyLabeller.label needs the policy's tokenizer to label text")
-        from sail_lightning.data.tokenize import encode_responses
-
         tok = self.tokenizer
         prompt_ids = tok(list(prompts))["input_ids"]
         # As the DataModule encodes responses, without a length limit.

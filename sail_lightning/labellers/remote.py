@@ -6,7 +6,11 @@ and shared by every rank and run; the training process sends text only. In YAML,
 
     labeller:
       class_path: sail_lightning.labellers.RemoteRewardLabeller
-      init_args: {url: "http://127.0.0.1:8000/score", timeout: 60, retries: 3}
+      init_args: {url: "http://127.0.0.1:8000/score", timeout: 60, retries: 3, max_length: 256}
+
+``max_length`` (and ``model``) are checked against what the server reports on ``GET /info``
+before the first request: a server started with another ``--max-length`` cuts inputs
+elsewhere and scores differently from the in-process labeller the config had before.
 """
 
 from __future__ import annotations
@@ -57,11 +61,19 @@ class RemoteRewardLabeller(ScoringLabeller):
         backoff: Seconds before the first retry; doubled at each next one.
         batch_size: (prompt, response) pairs per request.
         lower_is_better: The server scores a cost: ``score`` returns the negated costs.
+        max_length: The ``--max-length`` the server must score with (the in-process
+            ``RewardModelLabeller``'s ``max_length`` this replaces); None: not checked.
+        model: The ``--model`` the server must host, as given to it; None: not checked.
+
+    Raises:
+        ValueError: On the first call, when the server reports another ``max_length`` or
+            ``model`` than the ones given (the message names both and the URL).
     """
 
     def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 1.0, batch_size: int = 64,
-                 lower_is_better: bool = False) -> None:
+                 lower_is_better: bool = False, max_length: int | None = None,
+                 model: str | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"url must be http(s)://HOST:PORT[/score], got {url!r}")
@@ -72,7 +84,11 @@ class RemoteRewardLabeller(ScoringLabeller):
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.batch_size = batch_size
         self.lower_is_better = bool(lower_is_better)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.max_length, self.model = max_length, model
         self._session: requests.Session | None = None
+        self._settings_checked = False
 
     def __getstate__(self) -> dict[str, Any]:
         # A session holds sockets: each process (a spawned DDP worker) opens its own.
@@ -92,6 +108,7 @@ class RemoteRewardLabeller(ScoringLabeller):
             RemoteServiceError: The server could not score them (the message names the URL).
         """
         n = check_lengths(prompts=prompts, responses=responses, messages=messages)
+        self.check_served_settings()
         scores: list[float] = []
         for start in range(0, n, self.batch_size):
             stop = start + self.batch_size
@@ -101,6 +118,47 @@ class RemoteRewardLabeller(ScoringLabeller):
                        [[list(turn) for turn in m] for m in messages[start:stop]]}
             scores.extend(self._checked_scores(self._post(payload), len(payload["prompts"])))
         return self.oriented(torch.tensor(scores, dtype=torch.float32))
+    def check_served_settings(self) -> dict[str, Any] | None:
+        """The server's ``GET /info`` (once per labeller), checked against ``max_length`` and
+        ``model``; None where the server has no such route (an older one) or cannot be
+        reached now (the scoring request then reports it).
+
+        Raises:
+            ValueError: The server reports other settings than the ones given.
+        """
+        if self._settings_checked:
+            return None
+        info_url = self.url.rsplit("/", 1)[0] + "/info"
+        try:
+            answer = self.session.get(info_url, timeout=self.timeout)
+        except requests.RequestException:
+            return None  # not marked checked: asked again on the next call
+        self._settings_checked = True
+        try:
+            info = answer.json().get("model") if answer.status_code == 200 else None
+        except (ValueError, AttributeError):
+            info = None
+        if not isinstance(info, dict):
+            log.debug("reward server %s reports no settings (HTTP %d)", info_url,
+                      answer.status_code)
+            return None
+        wanted = {"max_length": self.max_length, "name_or_path": self.model}
+        differ = {k: (v, info.get(k)) for k, v in wanted.items()
+                  if v is not None and info.get(k) != v}
+        if differ:
+            names = {"max_length": "max_length", "name_or_path": "model"}
+            detail = "; ".join(f"{names[k]}={mine!r} here, {theirs!r} served"
+                               for k, (mine, theirs) in differ.items())
+            raise ValueError(
+                f"RemoteRewardLabeller: the reward server {self.url} scores with other "
+                f"settings than configured ({detail}): restart it with "
+                f"`sail-lightning serve-reward --model {self.model or info.get('name_or_path')} "
+                f"--max-length {self.max_length or info.get('max_length')}`, or change the "
+                "labeller's max_length / model")
+        log.info("reward server %s: model %r, max_length %s", self.url, info.get("name_or_path"),
+                 info.get("max_length"))
+        return info
+
     def _post(self, payload: dict[str, Any]) -> Any:
         """The answer's JSON, after bounded retries of connection errors and 5xx answers."""
         for attempt in range(self.retries + 1):

@@ -9,22 +9,26 @@ from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 
+from sail_lightning.common import DTYPES, PATH_STARTS
 from sail_lightning.labellers.base import Messages, ScoringLabeller, check_lengths, resolve_callable
-from sail_lightning.models import QuantizationOptions, resolve_quantization
+from sail_lightning.models import QuantizationOptions, load_pretrained, resolve_quantization
+from sail_lightning.tokenizer import build_tokenizer
 
 log = logging.getLogger("sail_lightning.labellers")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PATH_STARTS = tuple(p for p in (os.sep, os.altsep, ".", "~") if p)
 
 
-def prompt_response_ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
+def prompt_response_ids(tokenizer: Any, prompt: str, response: str,
+                        verbose: bool = True) -> list[int]:
     """A reward model's input without a chat template: the prompt's ids (with any bos), then
     the response's. Also how ``experiments`` trains its reward model, so training and
-    scoring see the same input."""
-    return (tokenizer(prompt)["input_ids"]
-            + tokenizer(response, add_special_tokens=False)["input_ids"])
+    scoring see the same input. ``verbose=False``: no warning about ids longer than the
+    tokenizer's ``model_max_length`` (for a caller that cuts them)."""
+    return (tokenizer(prompt, verbose=verbose)["input_ids"]
+            + tokenizer(response, add_special_tokens=False, verbose=verbose)["input_ids"])
 
 
 class RewardModelLabeller(ScoringLabeller):
@@ -70,8 +74,8 @@ class RewardModelLabeller(ScoringLabeller):
                  batch_size: int = 16, max_length: int = 1024, progress: bool = True,
                  trust_remote_code: bool = False, model_class: str | None = None,
                  output_field: str = "logits", lower_is_better: bool = False) -> None:
-        if torch_dtype is not None and torch_dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        if torch_dtype is not None and torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
         self.trust_remote_code, self.output_field = trust_remote_code, output_field
         self.lower_is_better = bool(lower_is_better)
         # Resolved now, so a wrong path fails when the config is read, not at the first round.
@@ -119,18 +123,13 @@ class RewardModelLabeller(ScoringLabeller):
         return self
 
     def _load(self) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from sail_lightning.models import load_pretrained
-        from sail_lightning.tokenizer import build_tokenizer
-
         path = self.name_or_path
-        if path.startswith(_PATH_STARTS) and not os.path.exists(os.path.expanduser(path)):
+        if path.startswith(PATH_STARTS) and not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"reward model: no such folder: {path}")
         remote = self.trust_remote_code
         try:
             tokenizer = build_tokenizer(path, trust_remote_code=remote)
-            dtype = _DTYPES.get(self.torch_dtype)
+            dtype = DTYPES.get(self.torch_dtype)
             # float_head: a head quantized to 4 bits would move every score; it is tiny.
             model = load_pretrained(self.model_class or AutoModelForSequenceClassification, path,
                                     dtype, self.quantization, float_head=True,
@@ -150,21 +149,22 @@ class RewardModelLabeller(ScoringLabeller):
 
     def _encode(self, prompt: str, response: str, turns: Sequence[tuple[str, str]] | None) -> list:
         tok = self.tokenizer
+        # The ids are cut to max_length below: transformers' warning that they exceed the
+        # model's length is then only noise, unless max_length itself exceeds it.
+        verbose = self.max_length > (getattr(tok, "model_max_length", None) or float("inf"))
         if turns is not None and getattr(tok, "chat_template", None):
             chat = [*({"role": r, "content": c} for r, c in turns),
                     {"role": "assistant", "content": response}]
             text = tok.apply_chat_template(chat, tokenize=False)
             # The rendered text already holds any bos token: do not add it twice.
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False, verbose=verbose)["input_ids"]
         else:
-            ids = prompt_response_ids(tok, prompt, response)
+            ids = prompt_response_ids(tok, prompt, response, verbose=verbose)
         return ids[-self.max_length :]
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], *,
               messages: Messages | None = None) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         n = check_lengths(prompts=prompts, responses=responses, messages=messages)
         if self.model is None:
             self._load()

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
+from sail_lightning.common import Route
 from sail_lightning.data.datamodule import PreferenceDataModule
-from sail_lightning.objectives import Route
 from tests.conftest import SHARED_DATA, needs_shared
 
 HH = SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"

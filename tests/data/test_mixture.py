@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sail_lightning.common import Route
 from sail_lightning.data.datamodule import PreferenceDataModule
 from sail_lightning.data.mixture import (
     OFFLINE,
@@ -15,7 +16,6 @@ from sail_lightning.data.mixture import (
     plan_epoch,
     plan_round,
 )
-from sail_lightning.objectives import Route
 
 
 def test_epoch_counts_offline_once_pass_each_offline_pair_once():

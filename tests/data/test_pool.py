@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from sail_lightning.common import Route
 from sail_lightning.data.pool import OnlinePair, OnlinePool, read_round, round_path, write_round
 from sail_lightning.data.tokenize import TokenizedPair
-from sail_lightning.objectives import Route
 
 
 def pairs(n: int) -> list[OnlinePair]:

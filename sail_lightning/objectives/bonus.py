@@ -1,15 +1,10 @@
-"""SELM's and XPO's exploration bonuses (pure torch, per-sequence log-probs ``(B,)``).
-
-Re-exported by :mod:`sail_lightning.objectives`.
-"""
+"""SELM's and XPO's exploration bonuses (pure torch, per-sequence log-probs ``(B,)``)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 BONUS_FORMS = ("selm", "xpo")
-
-__all__ = ["BONUS_FORMS", "bonus_loss", "exploration_bonus"]
 
 
 def bonus_loss(

@@ -6,15 +6,16 @@ Both are configurations of the library's machinery, not new modules:
   demonstration (chosen) with the current policy's own sample for the same prompt
   (rejected), trains the logistic loss ``-log sigmoid(beta h)`` on them (DPO's sigmoid loss,
   the reference being the previous iteration's policy), then sets ``pi_ref <- pi_theta``.
-  In this library: ``PairGenerationCallback(pair_mode="spin", update_reference=True)`` and
-  ``model.loss_type: sigmoid`` (``configs/method/spin.yaml``); no labeller.
+  In this library: the pair mode ``spin`` (``pair_modes/spin.py``) with
+  ``update_reference=True`` and ``model.loss_type: sigmoid`` (``configs/method/spin.yaml``);
+  no labeller.
 - **SPPO** (Wu et al. 2024, self-play preference optimisation): ``K`` samples per prompt;
   each sample's win probability against the policy, ``P(y_k > pi) ~ mean_{j != k}
   P(y_k > y_j)``, is estimated by the labeller (:func:`win_probabilities`); the pair is the
   samples of highest and lowest estimate, carrying both estimates; the loss regresses each
   response's log-ratio on its centred win probability (:func:`sppo_loss`), then
-  ``pi_ref <- pi_theta``. In this library: ``pair_mode="sppo"`` and ``model.loss_type: sppo``
-  (``configs/method/sppo.yaml``).
+  ``pi_ref <- pi_theta``. In this library: the pair mode ``sppo`` (``pair_modes/sppo.py``)
+  and ``model.loss_type: sppo`` (``objectives.losses.SPPOLoss``, ``configs/method/sppo.yaml``).
 """
 
 from __future__ import annotations

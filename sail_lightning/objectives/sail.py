@@ -1,116 +1,17 @@
-"""Preference objectives: the DPO family, SAIL's extra gradient terms, SELM/XPO bonuses.
-
-Pure torch (no Lightning): every function takes per-sequence log-probability tensors of
-shape ``(B,)`` and is unit-tested against hand-derived values. Notation (sail-method.md)::
-
-    lp_c, lp_r   = log pi_theta(y_c|x), log pi_theta(y_r|x)      (with grad)
-    rlp_c, rlp_r = log pi_ref(y_c|x),   log pi_ref(y_r|x)        (no grad)
-    h   = (lp_c - rlp_c) - (lp_r - rlp_r)
-    ell = logsigmoid(beta * h)                                     (DPO loss = -ell)
-"""
+"""SAIL's objective: the per-example preference loss of each pair plus SAIL's label and
+response terms, picked per example by its route (pure torch; notation in ``dpo.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from enum import IntEnum
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The exploration bonuses live in their own file; re-exported here, where callers find the
-# other objectives.
-from sail_lightning.objectives_bonus import BONUS_FORMS, bonus_loss, exploration_bonus  # noqa: F401
-from sail_lightning.objectives_selfplay import sppo_loss
-
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sppo")
-RESPONSE_TERMS = ("score_function", "released_code")
-BASELINES = ("none", "mean")
-SFT = "sft"
-"""``model.loss_type`` of supervised fine-tuning on the chosen responses: no reference, no
-preference (``sft_loss``); SAIL starts from such a model."""
-
-
-class Route(IntEnum):
-    """Where an example's responses and label come from, and so which SAIL terms apply.
-
-    DPO: offline pair, dataset label (plain DPO). DP: dataset responses, label resampled
-    from the policy (label term). PP: policy responses, policy label (label + response
-    terms). PR: policy responses, reward-model label (response term).
-    """
-
-    DPO = 0
-    DP = 1
-    PP = 2
-    PR = 3
-
-
-def margin(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor) -> Tensor:
-    """The log-ratio margin ``h = (lp_c - rlp_c) - (lp_r - rlp_r)``."""
-    return (lp_c - rlp_c) - (lp_r - rlp_r)
-
-
-def self_label_probability(h: Tensor, *, beta: float) -> Tensor:
-    """The policy's own Bradley-Terry probability that chosen beats rejected,
-    ``sigmoid(beta * h)``: the label distribution of SAIL-PP (drawn when a pair is
-    generated) and SAIL-DP (redrawn in the training step).
-
-    Computed on the CPU in float64 (``h`` detached), so that the seeded draws made from it
-    are one reproducible stream whatever the device or dtype of training.
-    """
-    return torch.sigmoid(beta * h.detach().cpu().double())
-
-
-def length_normalised(logps: Tensor, counts: Tensor) -> Tensor:
-    """Per-token means of summed log-probs: IPO's log-probs (Azar et al. average over the
-    response's tokens). An empty response counts as one token."""
-    return logps / counts.clamp(min=1).to(logps.dtype)
-
-
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Per-example DPO-family losses.
-
-    With ``h`` the log-ratio margin above and ``eps = label_smoothing``:
-
-    - ``sigmoid`` (DPO; cDPO when eps > 0): ``-(1-eps) logsig(beta h) - eps logsig(-beta h)``
-    - ``robust``: ``(-(1-eps) logsig(beta h) + eps logsig(-beta h)) / (1 - 2 eps)``
-    - ``hinge``: ``relu(1 - beta h)``
-    - ``ipo``: ``(h - 1/(2 beta))^2``. IPO is defined on length-averaged log-probs: callers
-      pass per-token means, not sums; this function uses whatever it is given.
-    - ``sppo``: needs each pair's win probabilities: ``objectives_selfplay.sppo_loss``
-      (through :func:`sail_loss`'s ``win_chosen`` / ``win_rejected``).
-
-    Returns:
-        Tensor of shape ``(B,)``.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "sppo":
-        raise ValueError("loss_type='sppo' regresses on win probabilities: use "
-                         "objectives_selfplay.sppo_loss or sail_loss(..., win_chosen=...)")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    h = margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    z = beta * h
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    if loss_type == "robust":
-        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    if loss_type == "hinge":
-        return torch.relu(1 - z)
-    return (h - 1 / (2 * beta)) ** 2
+from sail_lightning.common import Route
+from sail_lightning.objectives.dpo import margin, preference_metrics, self_label_probability
+from sail_lightning.objectives.options import LossOptions
 
 
 def _per_route(route: Tensor, dp: float, pp: float, pr: float, dtype: torch.dtype) -> Tensor:
@@ -143,25 +44,18 @@ def sail_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     route: Tensor,
+    options: LossOptions,
     *,
-    beta: float,
-    coef_dp: float = 0.0,
-    coef_pp: float = 0.0,
-    coef_pr: float = 0.0,
-    response_term: str = "score_function",
-    baseline: str = "none",
     grad_accum: int = 1,
     generator: torch.Generator | None = None,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
     metrics: bool = True,
-    win_chosen: Tensor | None = None,
-    win_rejected: Tensor | None = None,
+    fields: Mapping[str, Tensor | None] | None = None,
     routes: Collection[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SAIL objective on a batch whose examples carry their own route.
 
-    Every example contributes the DPO term ``-ell`` (or the chosen ``loss_type``). Then:
+    Every example contributes the loss of ``options.loss_type`` (``objectives.losses``; DPO's
+    ``-ell`` by default), and, with ``coef_* = options.coef_*``:
 
     - DP (SAIL-DP): the label is resampled first, ``flip ~ Bernoulli(1 - sigmoid(beta h))``
       drawn from ``generator``; where flipped ``h -> -h``. Label term ``-0.5 coef_dp ell^2``
@@ -191,15 +85,15 @@ def sail_loss(
 
     Args:
         route: LongTensor ``(B,)`` of :class:`Route` values.
+        options: the objective's options, validated (``LossOptions``); the SAIL terms are
+            derived for the sigmoid loss and always use ``ell``.
         grad_accum: gradient accumulation steps (only ``released_code`` uses it).
         generator: CPU generator for the DP label draws (reproducibility).
-        loss_type, label_smoothing: the DPO term's form (see :func:`dpo_loss`). The SAIL
-            terms are derived for the sigmoid loss and always use ``ell``.
         metrics: compute the metrics. They cost host syncs (``bool(mask.any())`` per
             route); training steps that do not log pass ``False``. The loss and its
             gradient are the same either way.
-        win_chosen, win_rejected: ``(B,)`` estimated win probabilities of each response
-            (SPPO's pairs carry them); used by ``loss_type="sppo"`` only.
+        fields: the batch's per-pair fields the loss reads (``PairLoss.fields``: SPPO's
+            ``win_chosen`` / ``win_rejected``, ``(B,)``); None or missing: none.
         routes: the routes present in the batch (``PreferenceCollator`` records them as
             ``batch["routes_present"]``), so that the step asks no GPU which routes it has;
             None reads them from ``route`` (a host sync per check). Giving a set that
@@ -210,13 +104,10 @@ def sail_loss(
         ``(loss, metrics)``: the scalar loss and detached metrics named as peers name them
         (an empty dict when ``metrics`` is false).
     """
-    if response_term not in RESPONSE_TERMS:
-        raise ValueError(f"response_term must be one of {RESPONSE_TERMS}, got {response_term!r}")
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    for name, value in (("coef_dp", coef_dp), ("coef_pp", coef_pp), ("coef_pr", coef_pr)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    if options.loss is None:
+        raise ValueError("model.loss_type=sft has no preference loss: use objectives.sft_loss")
+    beta, coef_dp, coef_pp, coef_pr = options.beta, options.coef_dp, options.coef_pp, \
+        options.coef_pr
     route = route.to(device=policy_chosen_logps.device, dtype=torch.long)
     lp_c, lp_r, rlp_c, rlp_r = (
         policy_chosen_logps,
@@ -241,11 +132,8 @@ def sail_loss(
         c_ref = torch.where(flip, rlp_r, rlp_c)
         r_ref = torch.where(flip, rlp_c, rlp_r)
 
-    if loss_type == "sppo":
-        base = sppo_loss(c_lp, r_lp, c_ref, r_ref, win_chosen, win_rejected, beta=beta)
-    else:
-        base = dpo_loss(c_lp, r_lp, c_ref, r_ref, beta=beta, loss_type=loss_type,
-                        label_smoothing=label_smoothing)
+    base = options.loss(c_lp, r_lp, c_ref, r_ref, fields or {}, beta=beta,
+                        label_smoothing=options.label_smoothing)
     dpo_term = base.mean()
     # A term whose coefficient is 0 on every route of the batch adds exactly 0 to the loss
     # and its gradient: it is skipped (with the routes known, a batch without DP/PP/PR rows
@@ -262,7 +150,7 @@ def sail_loss(
         loss = loss + label_term
     if response_on:
         response = _response_term(lp_c, lp_r, ell, route, routes, coef_pp, coef_pr,
-                                  response_term, baseline, grad_accum)
+                                  options.response_term, options.baseline, grad_accum)
         loss = loss + response
 
     if not metrics:
@@ -327,45 +215,3 @@ def _sail_metrics(lp_c: Tensor, lp_r: Tensor, rlp_c: Tensor, rlp_r: Tensor, rout
     if flip is not None and bool(is_dp.any()):
         metrics["dp/flip_rate"] = flip[is_dp].float().mean()
     return metrics
-
-
-def sft_loss(logps: Tensor, counts: Tensor) -> Tensor:
-    """Supervised fine-tuning: the mean negative log-likelihood per response token.
-
-    ``L = -sum_i log pi(y_i|x_i) / sum_i |y_i|`` over the batch's responses ``y_i`` (prompt
-    tokens are not predicted: their log-probs are not in ``logps``). Every token weighs the
-    same, so long responses count by their length, as in the usual SFT recipes.
-
-    Args:
-        logps: ``(B,)`` summed log-probs of each response (``sequence_logprobs``).
-        counts: ``(B,)`` response tokens of each.
-    """
-    return -logps.sum() / counts.sum().clamp(min=1)
-
-
-def preference_metrics(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-) -> dict[str, Tensor]:
-    """Implicit-reward metrics, named as TRL and peers name them (dashboards compare).
-
-    ``rewards/chosen = beta (lp_c - rlp_c)``, ``rewards/rejected`` likewise, their margin,
-    ``rewards/accuracies`` (chosen strictly above rejected: a tie is not a win), and the
-    policy's mean log-probs of chosen and rejected responses. Computed in the inputs' dtype:
-    a float32 cast would turn a strict float64 win into a tie.
-    """
-    with torch.no_grad():
-        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
-        return {
-            "rewards/chosen": chosen.mean(),
-            "rewards/rejected": rejected.mean(),
-            "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
-            "logps/chosen": policy_chosen_logps.detach().mean(),
-            "logps/rejected": policy_rejected_logps.detach().mean(),
-        }

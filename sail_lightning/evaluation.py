@@ -21,6 +21,7 @@ from sail_lightning.distributed import generation_context, synced_generation
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.interfaces import Labeller, PairwiseJudge
 from sail_lightning.policy_pair import PolicyPair
+from sail_lightning.run_folder import run_dir
 
 log = logging.getLogger("sail_lightning.eval")
 
@@ -95,7 +96,6 @@ class EvaluationCallback(L.Callback):
         for name, value in metrics.items():
             pl_module.log(name, value)
         if trainer.is_global_zero and trainer.log_dir and self.samples:
-            from sail_lightning.run_folder import run_dir
 
             # The run's own folder, beside its checkpoints (W&B's log_dir is shared by runs).
             self.write_samples(os.path.join(run_dir(trainer), "eval",

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sail_lightning.tokenizer import decode_text
+
 
 @dataclass
 class SamplingOptions:
@@ -240,6 +242,4 @@ def generate_responses(
 def decode(tokenizer: Any, ids: list[int]) -> str:
     """Decodes a response to text, special tokens (bos, eos, pad) dropped, and for byte-level
     BPE bytes that form no character (``tokenizer.decode_text`` says why)."""
-    from sail_lightning.tokenizer import decode_text
-
     return decode_text(tokenizer, ids)

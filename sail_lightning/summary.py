@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from sail_lightning.run_folder import run_dir
+
 HEADLINE_METRICS = (
     "train/loss", "val/loss", "val/rewards/accuracies", "gen/reward_mean",
     "gen/true_reward_mean", "val/eval_reward", "val/win_rate_vs_chosen",
@@ -91,7 +93,6 @@ class ConsoleSummary(Callback):
 def log_dir(trainer: L.Trainer) -> str | None:
     """The run's folder (``run_folder.run_dir``: a CSV logger's holds metrics.csv), or None
     without a logger."""
-    from sail_lightning.run_folder import run_dir
 
     if not trainer.loggers:
         return None

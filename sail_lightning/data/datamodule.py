@@ -29,6 +29,7 @@ from sail_lightning.data.prepare import SYNTHETIC_SOURCE, check_options, prepare
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import PreferenceCollator, TokenizedPair, padded_length
 from sail_lightning.interfaces import Labeller
+from sail_lightning.run_folder import run_dir
 
 log = logging.getLogger("sail_lightning.data")
 
@@ -264,7 +265,6 @@ def _run_dir(trainer: L.Trainer, name: str) -> str:
     """``<run folder>/<name>``: the run's own folder, its checkpoints' (``run_folder.run_dir``:
     for W&B ``<save_dir>/<project>/<run id>``, so a second run does not overwrite the
     first one's rounds)."""
-    from sail_lightning.run_folder import run_dir
 
     return os.path.join(run_dir(trainer), name)
 

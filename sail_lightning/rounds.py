@@ -28,6 +28,7 @@ import torch
 from sail_lightning.data.pool import OnlinePair
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
+from sail_lightning.engines import get_engine
 from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import Labeller, PolicyLabeller
 from sail_lightning.objectives import Route
@@ -57,12 +58,14 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
     messages = [r.messages for r in records]
     gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
            "progress": progress, "synced_gpus": synced_gpus}
+    # The policy's samples come from sampling.engine (hf or vllm); the reference's from HF.
+    sample = get_engine(sampling).generate
     t0 = time.perf_counter()
     if pair_mode in ("two_samples", "best_worst", "sppo"):
-        samples = generate_responses(pair.policy, prompt_ids, sampling, seed=seed, **gen)
+        samples = sample(pair.policy, prompt_ids, sampling, seed=seed, **gen)
     elif pair_mode == "spin":
-        samples = generate_responses(pair.policy, prompt_ids, replace(sampling, num_samples=1),
-                                     seed=seed, **gen)
+        samples = sample(pair.policy, prompt_ids, replace(sampling, num_samples=1), seed=seed,
+                         **gen)
     elif pair_mode == "selm":
         greedy = replace(sampling, num_samples=1, greedy=True)
         with pair.reference_model() as ref:
@@ -70,7 +73,7 @@ def build_round(pair: PolicyPair, tokenizer: Any, records: list[PreferenceRecord
                                          **gen)
     else:  # xpo
         one = replace(sampling, num_samples=1)
-        policy = generate_responses(pair.policy, prompt_ids, one, seed=seed, **gen)
+        policy = sample(pair.policy, prompt_ids, one, seed=seed, **gen)
         with pair.reference_model() as ref:
             reference = generate_responses(ref, prompt_ids, one, seed=seed + 1,
                                            desc="reference", **gen)

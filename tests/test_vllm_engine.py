@@ -16,7 +16,7 @@ import torch
 import sail_lightning.engines as engines
 import sail_lightning.rounds as rounds
 from sail_lightning.data.tokenize import TokenizedPair
-from sail_lightning.generation import SamplingOptions, generate_responses
+from sail_lightning.generation import SamplingOptions
 from sail_lightning.logprobs import concatenated_logprobs
 from sail_lightning.objectives import Route
 from sail_lightning.synthetic import OracleLabeller
@@ -44,9 +44,10 @@ def _gen(pair_or_model, prompts, options, tok, seed=0):
 
 
 def _train(model, pairs, steps=5, lr=3e-2):
-    """A few AdamW steps raising the chosen responses' log-probs: the policy moves."""
+    """A few AdamW steps raising the chosen responses' log-probs: the policy moves. Fused,
+    as SAILModule's: it writes weights without bumping torch's version counters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, fused=True)
     batch = collate(pairs)
     for _ in range(steps):
         lp, _ = concatenated_logprobs(model, batch)

@@ -5,8 +5,8 @@ reference log-probs, round files and resume do not know which one ran:
 
 - ``hf``: transformers ``generate`` on the policy itself (``generation.generate_responses``).
 - ``vllm``: one vLLM engine per process, colocated with training and built at the first call;
-  its weights are synced from the policy before a call whenever the policy changed
-  (``engines.vllm``; vLLM is the optional ``[vllm]`` extra, imported there only).
+  its weights are synced from the policy before every call (``engines.vllm``; vLLM is the
+  optional ``[vllm]`` extra, imported there only).
 
 The reference never goes through an engine: it is sampled (SELM, XPO, evaluation) with HF.
 """

@@ -2,7 +2,7 @@
 
 One engine per process (TRL's colocate pattern), built at its first call from the policy's
 config alone (``load_format="dummy"``: nothing is read from disk) and fed the policy's
-weights before every call in which the policy changed since the last sync:
+weights before every call:
 
 - full fine-tuning: the policy's own state dict, through vLLM's ``reload_weights``;
 - LoRA: merged weights, ``base + delta`` per adapted layer computed from the adapter
@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -111,15 +110,6 @@ def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         raise RuntimeError(f"LoRA deltas without a base weight: {sorted(deltas)[:5]}")
 
 
-def _version(model: nn.Module) -> tuple:
-    """Grows whenever a parameter is written in place (optimizer steps, load_state_dict,
-    update_reference's copies: torch's version counters), so an unchanged policy is not
-    synced twice."""
-    # peft's active adapters (transformers' own models have a method of that name instead).
-    adapters = tuple(model.active_adapters) if hasattr(model, "peft_config") else ()
-    return adapters, sum(p._version for p in model.parameters())
-
-
 @contextlib.contextmanager
 def _all_rng_kept() -> Iterator[None]:
     """vLLM seeds python's, numpy's and torch's global generators when it starts: building
@@ -143,7 +133,6 @@ class VLLMEngine:
         self.llm_kwargs = llm_kwargs
         self.llm = None
         self._config_key: str | None = None
-        self._synced: tuple | None = None
         self._folder: str | None = None
         self.sleeping = False
 
@@ -183,7 +172,6 @@ class VLLMEngine:
         with _all_rng_kept():
             self.llm = vllm.LLM(**kwargs)
         self._config_key = key
-        self._synced = None
         self.sleeping = False
 
     def close(self) -> None:
@@ -201,7 +189,7 @@ class VLLMEngine:
         destroy_distributed_environment()
         if self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)
-        self._config_key = self._synced = None
+        self._config_key = None
 
     def _wake(self) -> None:
         if self.sleeping:
@@ -213,20 +201,15 @@ class VLLMEngine:
             self.llm.sleep(level=1)
             self.sleeping = True
 
-    def sync(self, model: nn.Module, force: bool = False) -> bool:
-        """Loads the policy's weights into the engine if they changed since the last sync.
-        Returns whether it did."""
-        # A weak reference: another model may later get a dead one's id().
-        version = (weakref.ref(model), _version(model))
-        if not force and self._synced is not None and self._synced[0]() is model \
-                and self._synced[1] == version[1]:
-            return False
+    def sync(self, model: nn.Module) -> None:
+        """Loads the policy's weights into the engine. Every call syncs: no cheap test tells
+        that a policy is unchanged (fused AdamW writes weights without bumping torch's
+        version counters, so a stale engine went unnoticed until a resume test), and the
+        copy costs far less than the generation it precedes."""
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": policy_weights(model), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt KV from the old weights is stale
-        self._synced = version
-        return True
 
     # -- generation ------------------------------------------------------------------------
 

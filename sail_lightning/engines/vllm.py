@@ -125,6 +125,19 @@ def _all_rng_kept() -> Iterator[None]:
     np.random.set_state(npy)
 
 
+def _check_cpu_head_size(config: Any) -> None:
+    """vLLM's CPU attention takes a few head sizes only; its own error ("Unsupported CPU
+    attention configuration: head_dim=8") names no option."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(f"sampling.engine=vllm on CPU: the model's attention head size is {head} "
+                         f"(hidden_size / num_attention_heads), vLLM's CPU build takes {sizes}: "
+                         "change model.model_config (e.g. fewer heads) or use sampling.engine=hf")
+
+
 class VLLMEngine:
     """A colocated vLLM engine (see the module's docstring); ``llm_kwargs`` override the
     ``vllm.LLM`` arguments it is built with."""
@@ -153,6 +166,8 @@ class VLLMEngine:
         vllm = _import_vllm()
         param = next(model.parameters())
         device = param.device
+        if device.type == "cpu":
+            _check_cpu_head_size(config)
         self._folder = tempfile.mkdtemp(prefix="sail-vllm-")
         config.save_pretrained(self._folder)  # the architecture; weights come from the sync
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,11 +1,12 @@
 """The README's "Real model on CPU" block, run as written, and the memory of its training step.
 
 Default: runs the commands between the README's ``<!-- real-model-command -->`` markers in a
-shell (but its install line: this checkout is installed already), from a fresh folder laid out as a clone's root (``configs/`` and ``sail_lightning/``
-linked), and records each command's wall time, CPU time and peak resident memory (the
-child's own ``wait4`` figure: its largest process), then the figures the README quotes: the
-exact reward of each round's samples, the held-out evaluation before (the reference: the
-starting model) and after, and the first held-out prompt's responses. Writes
+shell (all but its install line: this checkout is installed already), from a fresh folder
+laid out as a clone's root (``configs/`` and ``sail_lightning/`` linked), and records each
+command's wall time, CPU time and peak resident memory (the child's own ``wait4`` figure: its
+largest process), then the figures the README quotes: the exact reward of each round's
+samples, the held-out evaluation before (the reference: the starting model) and after, and
+the first held-out prompt's responses. Writes
 ``benchmarks/results/real_model.json``::
 
     python benchmarks/real_model.py [--threads N] [--keep DIR] [--model-dir DIR]

@@ -18,7 +18,8 @@ import torch
 from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.distributed import generation_context, synced_generation
-from sail_lightning.generation import SamplingOptions, decode, generate_responses
+from sail_lightning.engines import get_engine
+from sail_lightning.generation import ENGINES, SamplingOptions, decode, generate_responses
 from sail_lightning.interfaces import Labeller, PairwiseJudge
 from sail_lightning.policy_pair import PolicyPair
 from sail_lightning.run_folder import run_dir
@@ -68,16 +69,24 @@ class EvaluationCallback(L.Callback):
         max_new_tokens: response length limit.
         every_n_epochs: during fit, evaluate after every this many epochs.
         seed: seed of the sampled responses behind the KL estimate.
+        engine: what generates the policy's responses: ``hf`` or ``vllm`` (the process's
+            engine, shared with ``PairGenerationCallback``: ``sail_lightning.engines``); the
+            reference's are generated with HF.
     """
 
     def __init__(self, judge: Labeller | None = None, num_prompts: int = 128,
-                 max_new_tokens: int = 64, every_n_epochs: int = 1, seed: int = 0) -> None:
+                 max_new_tokens: int = 64, every_n_epochs: int = 1, seed: int = 0,
+                 engine: str = "hf") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"EvaluationCallback.engine must be one of {ENGINES}, got "
+                             f"{engine!r}")
         self.judge = judge
         self.num_prompts = num_prompts
         self.max_new_tokens = max_new_tokens
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.samples: list[dict] = []  # the last evaluation's responses (write_samples)
+        self.engine = engine
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         judge = self.judge if self.judge is not None else getattr(trainer.datamodule, "oracle",
@@ -122,9 +131,11 @@ class EvaluationCallback(L.Callback):
         prompt_ids = [p.prompt_ids for p in pairs]
         gen = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                "progress": False, "synced_gpus": synced_gpus}
-        greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens)
-        policy = [s[0] for s in generate_responses(pair.policy, prompt_ids, greedy,
-                                                   seed=self.seed, desc="eval", **gen)]
+        greedy = SamplingOptions(num_samples=1, greedy=True, max_new_tokens=self.max_new_tokens,
+                                 engine=self.engine)
+        sample = get_engine(greedy).generate  # the policy's engine; the reference's is HF
+        policy = [s[0] for s in sample(pair.policy, prompt_ids, greedy, seed=self.seed,
+                                       desc="eval", **gen)]
         metrics = {"val/mean_length": sum(len(r) for r in policy) / len(policy)}
         reference = None
         if pair.has_reference:
@@ -132,9 +143,9 @@ class EvaluationCallback(L.Callback):
                 reference = [s[0] for s in generate_responses(ref, prompt_ids, greedy,
                                                               seed=self.seed, **gen)]
             sampled = SamplingOptions(num_samples=1, temperature=1.0,
-                                      max_new_tokens=self.max_new_tokens)
-            samples = [s[0] for s in generate_responses(pair.policy, prompt_ids, sampled,
-                                                        seed=self.seed, **gen)]
+                                      max_new_tokens=self.max_new_tokens, engine=self.engine)
+            samples = [s[0] for s in sample(pair.policy, prompt_ids, sampled, seed=self.seed,
+                                            **gen)]
             # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the samples.
             kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
             pol, ref_lp = pair.pair_logprobs(kl_pairs)

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 
 from sail_lightning.tokenizer import decode_text
 
+ENGINES = ("hf", "vllm")
+"""Generation engines of ``SamplingOptions.engine`` (``sail_lightning.engines``)."""
+
 
 @dataclass
 class SamplingOptions:
@@ -33,6 +36,13 @@ class SamplingOptions:
         max_new_tokens: Most tokens generated per response.
         batch_size: Prompts per ``generate()`` call (each yields ``num_samples`` sequences).
         greedy: Greedy decoding instead of sampling (then num_samples must be 1).
+        engine: What generates the policy's samples: ``hf`` (transformers ``generate``, this
+            module) or ``vllm`` (one colocated vLLM engine per process, its weights synced
+            from the policy before each call: ``sail_lightning.engines.vllm``, the ``[vllm]``
+            extra). Same output either way (``generate_responses``'s contract).
+        engine_kwargs: Extra ``vllm.LLM`` arguments for ``engine: vllm`` (e.g.
+            ``gpu_memory_utilization``, ``max_model_len``, ``kv_cache_memory_bytes``); read
+            when the process's engine is built, at its first round.
     """
 
     num_samples: int = 2
@@ -41,6 +51,8 @@ class SamplingOptions:
     max_new_tokens: int = 64
     batch_size: int = 64
     greedy: bool = False
+    engine: str = "hf"
+    engine_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +74,11 @@ class SamplingOptions:
             raise ValueError(f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"{prefix}.batch_size must be >= 1, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{prefix}.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine_kwargs and self.engine != "vllm":
+            raise ValueError(f"{prefix}.engine_kwargs are vllm.LLM arguments: they need "
+                             f"{prefix}.engine=vllm, got {self.engine!r}")
 
 
 @contextlib.contextmanager

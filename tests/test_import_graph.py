@@ -17,6 +17,8 @@ FUNCTION_LEVEL_OK = {
     ("sail_lightning.cli", None),
     # GGUF reading needs the optional gguf package.
     ("sail_lightning.build_models", "sail_lightning.gguf"),
+    # The vLLM engine module imports the optional vllm package; built on first use only.
+    ("sail_lightning.engines", "sail_lightning.engines.vllm"),
     # The lazy export (PEP 562) of the DataModule: the packaged samples under data/ are read
     # by modules that the DataModule imports.
     ("sail_lightning.data", "sail_lightning.data.datamodule"),

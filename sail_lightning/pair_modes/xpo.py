@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sail_lightning.engines import get_engine
 from sail_lightning.generation import SamplingOptions, generate_responses
 from sail_lightning.pair_modes.base import one_sample, register
 from sail_lightning.pair_modes.two_samples import TwoSamples
@@ -24,7 +25,8 @@ class XPO(TwoSamples):
     def generate(self, pair: PolicyPair, prompt_ids: list[list[int]],
                  sampling: SamplingOptions, *, seed: int, **gen: Any) -> list[list[list[int]]]:
         one = one_sample(sampling)
-        policy = generate_responses(pair.policy, prompt_ids, one, seed=seed, **gen)
+        policy = (generate_responses if one.engine == "hf" else get_engine(one).generate)(
+            pair.policy, prompt_ids, one, seed=seed, **gen)
         with pair.reference_model() as ref:
             reference = generate_responses(ref, prompt_ids, one, seed=seed + 1,
                                            desc="reference", **gen)

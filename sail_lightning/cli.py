@@ -269,7 +269,7 @@ def main(args: list[str] | None = None) -> None:
             raise SystemExit(rc)
         return
     # Training on CPU frees activations of several MiB each step; left to glibc's default
-    # they stay in RSS (sail_lightning.heap: 4.3 GiB instead of 1.5 for a SmolLM2 step).
+    # they stay in RSS (sail_lightning.heap: 4.8 GiB instead of 1.5 for a SmolLM2 step).
     fix_mmap_threshold()
     SAILCLI(
         SAILModule,

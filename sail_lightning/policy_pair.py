@@ -361,7 +361,7 @@ def auto_chunk_size(model: nn.Module) -> int:
 
     At real vocabularies the ``(N, T, V)`` float32 logits and their gradient are a step's
     largest tensors (SmolLM2's 49,152 tokens, batch 8 pairs x 192 tokens: 604 MB each; with
-    gradient checkpointing the step peaked at 6.2 GiB RSS full, 4.2 GiB chunked, glibc's
+    gradient checkpointing the step peaked at 6.1 GiB RSS full, 4.8 GiB chunked, glibc's
     default heap). Below that, chunking only adds the head's recomputation in backward.
     """
     head = model.get_output_embeddings()

@@ -185,7 +185,9 @@ def test_what_each_mode_samples_and_from_which_model(name, calls, monkeypatch):
         return [[[len(seen)]] * sampling.num_samples for _ in prompt_ids]
 
     mode = get_pair_mode(name)
-    for where in ("base", "selm", "xpo"):  # the modules that call it
+    # The policy's samples come from the engine (HF by default); a reference's from HF itself.
+    monkeypatch.setattr("sail_lightning.engines.HFEngine.generate", staticmethod(fake_generate))
+    for where in ("selm", "xpo"):  # the modules that generate from the reference
         monkeypatch.setattr(f"sail_lightning.pair_modes.{where}.generate_responses",
                             fake_generate)
     out = mode.generate(FakePair(), [[1], [2]], SamplingOptions(num_samples=3), seed=7)

@@ -18,7 +18,7 @@ from sail_lightning.common import PAIR_FIELDS
 from sail_lightning.data.records import PreferenceRecord
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.engines import get_engine
-from sail_lightning.generation import SamplingOptions, generate_responses
+from sail_lightning.generation import SamplingOptions
 from sail_lightning.interfaces import Labeller
 from sail_lightning.policy_pair import PolicyPair
 
@@ -114,8 +114,6 @@ class PairMode:
         """Per prompt, the responses the mode selects from. Default: ``num_samples`` policy
         samples."""
         # The policy's samples come from sampling.engine (hf or vllm); a reference's from HF.
-        if sampling.engine == "hf":
-            return generate_responses(pair.policy, prompt_ids, sampling, seed=seed, **gen)
         return get_engine(sampling).generate(pair.policy, prompt_ids, sampling, seed=seed, **gen)
 
     def select(self, inputs: RoundInputs) -> list[Selected]:

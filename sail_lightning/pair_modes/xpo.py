@@ -25,8 +25,7 @@ class XPO(TwoSamples):
     def generate(self, pair: PolicyPair, prompt_ids: list[list[int]],
                  sampling: SamplingOptions, *, seed: int, **gen: Any) -> list[list[list[int]]]:
         one = one_sample(sampling)
-        policy = (generate_responses if one.engine == "hf" else get_engine(one).generate)(
-            pair.policy, prompt_ids, one, seed=seed, **gen)
+        policy = get_engine(one).generate(pair.policy, prompt_ids, one, seed=seed, **gen)
         with pair.reference_model() as ref:
             reference = generate_responses(ref, prompt_ids, one, seed=seed + 1,
                                            desc="reference", **gen)

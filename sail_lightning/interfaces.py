@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -132,3 +133,36 @@ class PairwiseJudge(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Usage counters so far: ``judge_requests``, ``judge_prompt_tokens``,
         ``judge_completion_tokens``, ``judge_unparsed``."""
+
+
+class TaskOracle(ScoringLabeller):
+    """A task's ground truth as a labeller: scores are ``task.score``, labels its
+    Bradley-Terry draws (``task.prefer``) or, with ``sample=False``, the higher score (ties:
+    ``a``). The synthetic task's ``OracleLabeller`` and the instructions task's
+    ``InstructionsOracle`` are this with their task as the default.
+
+    Args:
+        task: Anything with ``score(prompts, responses)`` and ``prefer(prompts, a, b,
+            generator)``.
+        sample: Draw from the task's Bradley-Terry oracle, as a human would.
+        seed: Seed of the draws' generator (reseeded per round by the online loop).
+    """
+
+    def __init__(self, task: Any, *, sample: bool = True, seed: int = 0) -> None:
+        self.task = task
+        self.sample = sample
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
+              messages: Messages | None = None) -> torch.Tensor:
+        check_lengths(prompts=prompts, responses=responses, messages=messages)
+        return self.task.score(prompts, responses)
+
+    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
+        labels = super().label(prompts, responses_a, responses_b, messages=messages)
+        if self.sample:
+            # The task's own oracle, so labels stay exactly its draws if it ever changes.
+            labels.a_preferred = self.task.prefer(prompts, responses_a, responses_b,
+                                                  self.generator)
+        return labels

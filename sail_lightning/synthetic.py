@@ -48,7 +48,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from sail_lightning.interfaces import Labels, Messages, ScoringLabeller, check_lengths
+from sail_lightning.interfaces import TaskOracle
 
 SEPARATOR = "="
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -311,7 +311,7 @@ def tiny_llama_config(
     }
 
 
-class OracleLabeller(ScoringLabeller):
+class OracleLabeller(TaskOracle):
     """The synthetic task's ground truth: scores are ``r*``, labels its Bradley-Terry draws.
 
     The task's configs name it as ``data.oracle`` (``configs/data/synthetic.yaml``): it then
@@ -326,20 +326,5 @@ class OracleLabeller(ScoringLabeller):
 
     def __init__(self, task: SyntheticTask | None = None, *, sample: bool = True,
                  seed: int = 0) -> None:
-        self.task = task if task is not None else SyntheticTask()
-        self.sample = sample
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str], *,
-              messages: Messages | None = None) -> torch.Tensor:
-        check_lengths(prompts=prompts, responses=responses, messages=messages)
-        return self.task.score(prompts, responses)
-
-    def label(self, prompts: Sequence[str], responses_a: Sequence[str],
-              responses_b: Sequence[str], *, messages: Messages | None = None) -> Labels:
-        labels = super().label(prompts, responses_a, responses_b, messages=messages)
-        if self.sample:
-            # The task's own oracle, so labels stay exactly its draws if it ever changes.
-            g = self.generator
-            labels.a_preferred = self.task.prefer(prompts, responses_a, responses_b, g)
-        return labels
+        super().__init__(task if task is not None else SyntheticTask(), sample=sample,
+                         seed=seed)

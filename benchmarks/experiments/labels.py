@@ -12,6 +12,7 @@ base-policy samples (pairs whose true rewards differ; ties of a labeller count f
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.experiments.base import read_pairs, train_reward_model
-from sail_lightning.labellers import Labeller, RewardModelLabeller
-from sail_lightning.synthetic import OracleLabeller, SyntheticTask
+from benchmarks.experiments.base import read_pairs
+from benchmarks.experiments.tasks import ComparisonTask, SyntheticComparison
+from sail_lightning.labellers import Labeller
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ DEFAULT_LABEL = "rm"  # the comparison's labeller before the label axis (``win_r
 
 
 def train_source(source: LabelSource, offline_path: str, work_dir: str, *, rm_epochs: int,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, comparison: ComparisonTask | None = None,
+                 base_dir: str | None = None) -> dict:
     """The source's reward model (trained on its share of the pairs, some flipped), or
     nothing for the oracle. Returns ``{"path"}`` (None for the oracle) and training facts."""
     if source.oracle:
@@ -72,43 +74,48 @@ def train_source(source: LabelSource, offline_path: str, work_dir: str, *, rm_ep
         f.writelines(json.dumps(r) + "\n" for r in rows)
     # Fewer pairs, more epochs: about as many gradient steps as the full reward model's.
     epochs = max(rm_epochs, min(4 * rm_epochs, round(rm_epochs / source.fraction)))
-    rm = train_reward_model(pairs_path, os.path.join(work_dir, f"reward_model_{source.name}"),
-                            epochs=epochs, seed=seed)
+    comparison = comparison or SyntheticComparison()
+    rm = comparison.reward_model(pairs_path, os.path.join(work_dir, f"reward_model_{source.name}"),
+                                 epochs=epochs, seed=seed, base_dir=base_dir)
     return {**rm, "pairs": len(rows), "flipped": len(flipped), "epochs": epochs}
 
 
-def labeller_config(source: LabelSource, rm_dir: str | None, seed: int) -> dict:
+def labeller_config(source: LabelSource, rm_dir: str | None, seed: int,
+                    comparison: ComparisonTask | None = None) -> dict:
     """The ``PairGenerationCallback.labeller`` of a run (class_path and init_args)."""
     if source.oracle:
-        return {"class_path": "sail_lightning.synthetic.OracleLabeller",
+        return {"class_path": (comparison or SyntheticComparison()).oracle_class(),
                 "init_args": {"sample": True, "seed": seed}}
     return {"class_path": "sail_lightning.labellers.RewardModelLabeller",
             "init_args": {"name_or_path": rm_dir, "progress": False, "batch_size": 256}}
 
 
-def build_labeller(source: LabelSource, rm_dir: str | None, seed: int = 0) -> Labeller:
-    if source.oracle:
-        return OracleLabeller(sample=True, seed=seed)
-    return RewardModelLabeller(rm_dir, batch_size=256, progress=False)
+def build_labeller(source: LabelSource, rm_dir: str | None, seed: int = 0,
+                   comparison: ComparisonTask | None = None) -> Labeller:
+    config = labeller_config(source, rm_dir, seed, comparison)
+    module, name = config["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**config["init_args"])
 
 
 def label_agreement(labeller: Labeller, pairs: Sequence[dict[str, str]],
-                    task: SyntheticTask | None = None) -> float:
+                    comparison: ComparisonTask | None = None) -> float:
     """How often ``labeller`` orders held-out pairs as the true reward does (pairs whose
-    true rewards differ)."""
-    task = task or SyntheticTask()
+    true rewards differ). The prompts go as one user turn each, as the rounds pass them."""
+    task = (comparison or SyntheticComparison()).task
     xs = [p["prompt"] for p in pairs]
     a, b = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
     ta, tb = task.score(xs, a), task.score(xs, b)
     differ = ta != tb
     if not bool(differ.any()):
         return float("nan")
-    agree = labeller.label(xs, a, b).a_preferred == (ta > tb)
+    turns = [(("user", x),) for x in xs]
+    agree = labeller.label(xs, a, b, messages=turns).a_preferred == (ta > tb)
     return float(agree[differ].float().mean())
 
 
 def seeded_agreement(source: LabelSource, rm_dir: str | None, pairs: Sequence[dict[str, str]],
-                     task: SyntheticTask | None = None) -> float:
+                     comparison: ComparisonTask | None = None) -> float:
     """:func:`label_agreement` of the source, its draws seeded (the oracle's are random)."""
     torch.manual_seed(0)
-    return label_agreement(build_labeller(source, rm_dir, seed=12_345), pairs, task)
+    return label_agreement(build_labeller(source, rm_dir, seed=12_345, comparison=comparison),
+                           pairs, comparison)

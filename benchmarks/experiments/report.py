@@ -40,6 +40,21 @@ def mean_ci(values: Sequence[float]) -> dict:
             "values": xs}
 
 
+def bootstrap_ci(values, *, resamples: int = 2000, seed: int = 0) -> float:
+    """Half-width of the 95% percentile bootstrap interval of the mean of ``values`` (one per
+    prompt): the interval of a single run, over prompts, where seeds are too costly."""
+    import torch
+
+    xs = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if xs.numel() < 2:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(xs.numel(), (resamples, xs.numel()), generator=g)
+    means = xs[idx].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(high - low) / 2
+
+
 def _fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "diverged"
@@ -48,12 +63,19 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 
 
 def markdown_table(summary: dict[str, dict], labels: dict[str, str]) -> str:
-    """One row per method: win rate vs base, true reward, wall seconds (mean ± 95% CI)."""
-    lines = ["| method | win rate vs base | true reward | wall time (s) | seeds |",
-             "|---|---|---|---|---|"]
+    """One row per method: win rate vs base, true reward, wall seconds (mean ± 95% CI), and
+    where the task has them (instructions) the constraint rate and mean words."""
+    extra = [k for k in ("constraint_rate", "mean_words")
+             if any(k in s for s in summary.values())]
+    names = {"constraint_rate": "constraints met", "mean_words": "words"}
+    lines = ["| method | win rate vs base | true reward | "
+             + "".join(f"{names[k]} | " for k in extra) + "wall time (s) | seeds |",
+             "|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for name, s in summary.items():
+        cells = "".join(f"{_fmt(s[k], 1 if k == 'mean_words' else 3)} | " if k in s else " | "
+                        for k in extra)
         lines.append(f"| {labels.get(name, name)} | {_fmt(s['win_rate'])} | "
-                     f"{_fmt(s['true_reward'])} | {_fmt(s['wall_seconds'], 1)} | "
+                     f"{_fmt(s['true_reward'])} | {cells}{_fmt(s['wall_seconds'], 1)} | "
                      f"{s['win_rate']['n']} |")
     return "\n".join(lines)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from benchmarks.experiments.base import greedy_reward, load_policy, read_pairs
+from benchmarks.experiments.base import read_pairs
+from benchmarks.experiments.tasks import ComparisonTask, SyntheticComparison, load_policy
 from sail_lightning.common import win_rate
 from sail_lightning.data.mixture import offline_pairs_for
-from sail_lightning.synthetic import SyntheticTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "configs")
@@ -118,15 +118,21 @@ def uses_labeller(method: str) -> bool:
 
 
 def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str,
-                  run_dir: str, seed: int, epochs: int, labeller: dict | None = None) -> str:
+                  run_dir: str, seed: int, epochs: int, labeller: dict | None = None,
+                  comparison: ComparisonTask | None = None) -> str:
     """The per-run YAML: trainer settings and the full callback list (see module docstring).
-    ``labeller`` (class_path and init_args) replaces the reward model at ``rm_dir``."""
+    ``labeller`` (class_path and init_args) replaces the reward model at ``rm_dir``; the
+    comparison's task sets the rounds' response length and batch (the method configs'
+    are the synthetic task's) and how the policy is exported (a LoRA adapter alone)."""
+    comparison = comparison or SyntheticComparison()
     callbacks: list[dict] = []
     for cb in _method_yaml(METHODS[method].config).get("trainer", {}).get("callbacks", []):
         if cb.get("class_path") != _CALLBACK:
             continue
         init = dict(cb.get("init_args") or {})
         init.update(seed=seed, progress=False)
+        if comparison.round_sampling():
+            init["sampling"] = {**init.get("sampling", {}), **comparison.round_sampling()}
         if labeller is not None:
             init["labeller"] = labeller
         elif rm_dir is not None:
@@ -135,7 +141,7 @@ def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str
                                               "batch_size": 256}}
         callbacks.append({"class_path": _CALLBACK, "init_args": init})
     callbacks.append({"class_path": "sail_lightning.export.ExportPolicyCallback",
-                      "init_args": {"dirpath": policy_out}})
+                      "init_args": {"dirpath": policy_out, **comparison.export_args()}})
     overlay = {
         "seed_everything": seed,
         "trainer": {
@@ -159,12 +165,14 @@ def write_overlay(method: str, path: str, *, rm_dir: str | None, policy_out: str
 
 
 def cli_args(method: str, *, base_dir: str, offline_path: str, overlay: str,
-             pairs_per_epoch: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """The ``main()`` arguments of one run."""
+             pairs_per_epoch: int, extra: tuple[str, ...] = (),
+             comparison: ComparisonTask | None = None) -> list[str]:
+    """The ``main()`` arguments of one run: the task's config, the method's, the overlay."""
     m = METHODS[method]
-    return ["fit", "-c", os.path.join(CONFIGS, "quickstart.yaml"),
+    comparison = comparison or SyntheticComparison()
+    return ["fit", "-c", comparison.config,
             "-c", os.path.join(CONFIGS, "method", f"{m.config}.yaml"), "-c", overlay,
-            f"--model.model_name_or_path={base_dir}", "--model.model_config=null",
+            f"--model.model_name_or_path={base_dir}", *comparison.run_args(),
             f"--model.tokenizer={base_dir}", f"--data.source={offline_path}",
             *budget_args(method, pairs_per_epoch), *m.args, *extra]
 
@@ -187,7 +195,7 @@ def quiet() -> None:
 def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: str,
                work_dir: str, seed: int, epochs: int, pairs_per_epoch: int,
                extra: tuple[str, ...] = (), labeller: dict | None = None,
-               run_name: str | None = None) -> dict:
+               run_name: str | None = None, comparison: ComparisonTask | None = None) -> dict:
     """Trains ``method`` from the base policy through the CLI; returns where the policy is.
 
     On divergence (the run raises ``FloatingPointError``) the method's fallbacks are tried in
@@ -207,12 +215,13 @@ def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: 
     policy_out = os.path.join(run_dir, "policy")
     overlay = write_overlay(method, os.path.join(run_dir, "overlay.yaml"), rm_dir=rm_dir,
                             policy_out=policy_out, run_dir=run_dir, seed=seed, epochs=epochs,
-                            labeller=labeller)
+                            labeller=labeller, comparison=comparison)
     attempts = []
     t0 = time.perf_counter()
     for fallback in ((), *m.fallbacks):
         args = cli_args(method, base_dir=base_dir, offline_path=offline_path, overlay=overlay,
-                        pairs_per_epoch=pairs_per_epoch, extra=(*extra, *fallback))
+                        pairs_per_epoch=pairs_per_epoch, extra=(*extra, *fallback),
+                        comparison=comparison)
         try:
             main(args)
         except FloatingPointError as e:
@@ -220,19 +229,20 @@ def run_method(method: str, *, base_dir: str, rm_dir: str | None, offline_path: 
             continue
         attempts.append({"args": list(fallback), "error": None})
         return {"policy_dir": policy_out, "wall_seconds": time.perf_counter() - t0,
-                "args": list(fallback), "attempts": attempts, "rounds": round_stats(run_dir)}
+                "args": list(fallback), "attempts": attempts,
+                "rounds": round_stats(run_dir, comparison)}
     return {"policy_dir": None, "wall_seconds": time.perf_counter() - t0, "args": None,
             "attempts": attempts, "rounds": []}
 
 
-def round_stats(run_dir: str, task: SyntheticTask | None = None) -> list[dict]:
+def round_stats(run_dir: str, comparison: ComparisonTask | None = None) -> list[dict]:
     """Per online round of the run's last attempt, judged by the true reward r*.
 
     ``label_agreement``: how often the pair's label (reward model, or the policy's own
     Bradley-Terry draw for SAIL-PP) orders it as r* does, ties half; ``chosen`` /
     ``rejected``: mean r* of each side. Empty for offline methods.
     """
-    task = task or SyntheticTask()
+    task = (comparison or SyntheticComparison()).task
     versions = glob.glob(os.path.join(run_dir, "csv", "version_*"))
     if not versions:
         return []
@@ -252,15 +262,23 @@ def round_stats(run_dir: str, task: SyntheticTask | None = None) -> list[dict]:
 
 
 def evaluate_policy(policy_dir: str, prompts: list[str], base_rewards: torch.Tensor,
-                    task: SyntheticTask | None = None) -> dict:
+                    comparison: ComparisonTask | None = None) -> dict:
     """True reward of the policy's greedy responses, and their win rate against the base's.
 
     Args:
         base_rewards: true rewards of the base policy's greedy responses to ``prompts``.
 
     Returns:
-        ``{"win_rate", "true_reward"}``; ties count half (``common.win_rate``).
+        ``{"win_rate", "true_reward", "win_rate_ci", "true_reward_ci"}`` and the task's
+        ``metrics``; ties count half (``common.win_rate``); the intervals are 95% bootstrap
+        intervals over the prompts (``report.bootstrap_ci``).
     """
+    from benchmarks.experiments.report import bootstrap_ci
+
+    comparison = comparison or SyntheticComparison()
     model, tok = load_policy(policy_dir)
-    _, rewards = greedy_reward(model, tok, prompts, task)
-    return {"win_rate": win_rate(rewards, base_rewards), "true_reward": float(rewards.mean())}
+    responses, rewards = comparison.greedy_reward(model, tok, prompts)
+    wins = (rewards > base_rewards).float() + 0.5 * (rewards == base_rewards).float()
+    return {"win_rate": win_rate(rewards, base_rewards), "true_reward": float(rewards.mean()),
+            "win_rate_ci": bootstrap_ci(wins), "true_reward_ci": bootstrap_ci(rewards),
+            **comparison.metrics(prompts, responses)}

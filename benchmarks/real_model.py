@@ -30,7 +30,6 @@ import csv
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -38,17 +37,20 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout this script is in, first: its sail_lightning and benchmarks package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_utils  # noqa: E402
+from benchmarks.bench_utils import REPO, clone_like, command_env  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
-MARKED = re.compile(r"<!-- real-model-command -->\n```bash\n(.*?)```\n"
-                    r"<!-- /real-model-command -->", re.S)
+MARKER = "real-model-command"
 
 
 def documented_commands(text: str | None = None) -> list[str]:
     """The commands of the README's marked block (or of ``text``)."""
     text = (REPO / "README.md").read_text() if text is None else text
-    (block,) = MARKED.findall(text)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return bench_utils.documented_commands(MARKER, text)
 
 
 def timed(command: str, cwd: Path, env: dict) -> dict:
@@ -70,15 +72,11 @@ def timed(command: str, cwd: Path, env: dict) -> dict:
 
 
 def run(folder: Path, threads: int, model_dir: str | None) -> dict:
-    for name in ("configs", "sail_lightning"):
-        (folder / name).symlink_to(REPO / name)
+    clone_like(folder)
     if model_dir:
         (folder / "models").mkdir()
         (folder / "models" / "smollm2").symlink_to(Path(model_dir).resolve())
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p),
-           "PATH": os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"]))}
+    env = command_env(threads)
     steps = []
     for command in documented_commands():
         # The install line installs this checkout: done already (the benchmark imports it).

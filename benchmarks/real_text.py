@@ -16,29 +16,26 @@ import csv
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MARKED = re.compile(r"<!-- real-text-command -->\n```bash\n(.*?)```\n<!-- /real-text-command -->",
-                    re.S)
+# The checkout this script is in, first: its sail_lightning and benchmarks package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_utils  # noqa: E402
+from benchmarks.bench_utils import REPO, clone_like, command_env  # noqa: E402
+
+MARKER = "real-text-command"
+MARKED = bench_utils.marked_block(MARKER)
 
 
 def documented_commands(text: str | None = None) -> list[str]:
     """The commands of the marked block of docs/real_text.md (or of ``text``)."""
     text = (REPO / "docs" / "real_text.md").read_text() if text is None else text
-    (block,) = MARKED.findall(text)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-
-def clone_like(folder: Path) -> None:
-    """Makes ``folder`` look like a fresh clone's root to the commands (what they read)."""
-    for name in ("configs", "sail_lightning"):
-        (folder / name).symlink_to(REPO / name)
+    return bench_utils.documented_commands(MARKER, text)
 
 
 def metrics(folder: Path, method: str) -> list[dict]:
@@ -53,10 +50,7 @@ def column(rows: list[dict], key: str) -> list[float]:
 def run(folder: Path, threads: int = 1) -> dict:
     """Runs the documented commands in ``folder`` (made clone-like); returns the results."""
     clone_like(folder)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p),
-           "PATH": os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"]))}
+    env = command_env(threads)
     steps = []
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     for command in documented_commands():

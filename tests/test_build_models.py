@@ -173,6 +173,15 @@ def test_bad_options_fail_with_the_option_named():
         main(["--output", "x", "--reward-chat-format", "alpaca"])
 
 
+def test_dtype_without_from_gguf_is_refused_naming_both(tmp_path, capsys):
+    # Not silently ignored: the small models are float32 whatever --dtype says.
+    with pytest.raises(SystemExit) as exit_:
+        main(["--output", str(tmp_path / "models"), "--dtype", "bfloat16", "--limit", "40"])
+    assert exit_.value.code == 2
+    assert "--dtype bfloat16 applies to --from-gguf SOURCE only" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
 def test_build_models_is_a_cli_subcommand(tmp_path, capsys):
     from sail_lightning.cli import main as cli
 

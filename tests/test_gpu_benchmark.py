@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,7 +20,7 @@ def test_gpu_benchmark_tiny_runs_every_strategy_cpu_allows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
-    assert result["device"] == "cpu"
+    assert result["device"] == "cpu" and result["engine"] == "hf"  # the default engine
     # FSDP1 needs an accelerator; FSDP2 (ModelParallelStrategy), LoRA and, with
     # bitsandbytes, QLoRA run on CPU through the same Trainer code.
     assert "accelerator" in result["skipped"]["fsdp"]
@@ -31,6 +33,7 @@ def test_gpu_benchmark_tiny_runs_every_strategy_cpu_allows(tmp_path):
         run = result["runs"][name]
         assert run["train_tokens_per_second"] > 0 and run["generation_tokens_per_second"] > 0
         assert run["generated_tokens"] > 0 and run["mfu"] is None  # no peak known on CPU
+        assert run["engine"] == "hf" and run["engine_warmup_seconds"] is None
 
 
 def test_model_flops_of_qwen25_05b_shape():
@@ -43,3 +46,25 @@ def test_model_flops_of_qwen25_05b_shape():
     assert 480e6 < n < 500e6
     assert flops_per_token(QWEN25_05B, 512, lora=False) == 6 * n + 12 * 24 * 896 * 512
     assert flops_per_token(QWEN25_05B, 512, lora=True) == 4 * n + 8 * 24 * 896 * 512
+
+
+def test_engine_option_and_what_vllm_cannot_run(monkeypatch, capsys):
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import main, parse_args
+    from benchmarks.gpu_runs import missing_requirement
+
+    assert parse_args([]).engine == "hf" and parse_args(["--engine", "vllm"]).engine == "vllm"
+    with pytest.raises(SystemExit):
+        parse_args(["--engine", "sglang"])
+    assert "invalid choice: 'sglang'" in capsys.readouterr().err
+    # Without vLLM (made unimportable here, as where it is not installed) the benchmark stops
+    # before any run trains, naming the extra.
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(SystemExit, match=r"--engine vllm needs vLLM: pip install "
+                                         r"'sail-lightning\[vllm\]'"):
+        main(["--tiny", "--engine", "vllm", "--runs", "lora"])
+    # FSDP1 (the engine's setup refusal) and QLoRA are skipped with the reason; the others run.
+    assert "not supported under SAILFSDPStrategy" in missing_requirement("fsdp", "vllm")
+    assert "QLoRA is not supported" in missing_requirement("qlora", "vllm")
+    for name, engine in (("fsdp2", "vllm"), ("lora", "vllm"), ("fsdp", "hf")):
+        assert missing_requirement(name, engine) is None

@@ -62,8 +62,9 @@ QWEN25_05B = {
     "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
     "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
 }
+# Head size 32: vLLM's CPU build takes no smaller one (--tiny --engine vllm runs on CPU).
 TINY = {**QWEN25_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 1024,
         "max_position_embeddings": 512}
 # Dense bf16 peak (no sparsity) of the SXM parts, FLOP/s; --peak-tflops for other devices.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}

@@ -39,7 +39,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import HTTPException
+try:
+    from fastapi import HTTPException  # LitServe's web framework, installed with it
+except ImportError as e:  # an optional dependency: only the server needs it
+    raise ImportError("sail-lightning serve-judge needs LitServe: "
+                      "pip install 'sail-lightning[serve]'") from e
 from transformers import AutoModelForCausalLM
 
 from sail_lightning.common import DTYPES, PATH_STARTS
@@ -93,7 +97,8 @@ def sampling_for(request: Any, default_max_tokens: int, room: int) -> SamplingOp
     if temperature < 0 or not 0 < top_p <= 1:
         raise HTTPException(400, f"temperature must be >= 0 and top_p in (0, 1], got "
                                  f"{temperature} and {top_p}")
-    wanted = request.max_completion_tokens or request.max_tokens or default_max_tokens
+    wanted = next((n for n in (request.max_completion_tokens, request.max_tokens)
+                   if n is not None), default_max_tokens)
     if wanted < 1:
         raise HTTPException(400, f"max_tokens must be >= 1, got {wanted}")
     if room < 1:

@@ -152,7 +152,7 @@ def test_requests_sampling_options():
                         room=100).max_new_tokens == 7
     assert sampling_for(request(max_tokens=50), 256, room=20).max_new_tokens == 20
     for fields, room, message in (({"temperature": -1}, 10, "temperature must be >= 0"),
-                                  ({"max_tokens": -3}, 10, "max_tokens must be >= 1"),
+                                  ({"max_tokens": 0}, 10, "max_tokens must be >= 1"),
                                   ({}, 0, "fills the model's context")):
         with pytest.raises(HTTPException, match=message) as error:
             sampling_for(request(**fields), 256, room=room)

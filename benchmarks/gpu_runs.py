@@ -4,6 +4,7 @@ then a round's generation through the library's sharded generation path."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import tempfile
@@ -31,8 +32,17 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def missing_requirement(name: str) -> str | None:
-    """Why a run cannot run here, or None."""
+def missing_requirement(name: str, engine: str = "hf") -> str | None:
+    """Why a run cannot run here (or with this generation engine), or None."""
+    if engine == "vllm" and RUNS[name]["quantization"] is not None:
+        return "sampling.engine=vllm syncs full-precision weights: QLoRA is not supported"
+    if engine == "vllm" and RUNS[name]["strategy"] == "fsdp":
+        from sail_lightning.engines import check_engine_strategy
+
+        try:  # the refusal a fit gives at setup, as the reason
+            check_engine_strategy(strategy_for(name), engine, "--engine")
+        except ValueError as e:
+            return str(e)
     if RUNS[name]["quantization"] is not None:
         try:
             import bitsandbytes  # noqa: F401
@@ -83,7 +93,8 @@ def _callbacks(args: argparse.Namespace, record: dict[str, Any], vocab: int):
     import lightning as L
 
     from sail_lightning.distributed import generation_context, synced_generation
-    from sail_lightning.generation import SamplingOptions, generate_responses
+    from sail_lightning.engines import get_engine
+    from sail_lightning.generation import SamplingOptions
 
     class Measure(L.Callback):
         """Times the steps after the warm-up, then one round's generation at the end."""
@@ -103,15 +114,23 @@ def _callbacks(args: argparse.Namespace, record: dict[str, Any], vocab: int):
                        for _ in range(args.gen_prompts)]
             sampling = SamplingOptions(num_samples=2, temperature=0.9,
                                        max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.gen_batch_size)
+                                       batch_size=args.gen_batch_size, engine=args.engine)
+            engine = get_engine(sampling)  # hf: generate_responses, as a round runs it
             tok = pl_module.pair.policy.config
+            ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                   "seed": 0, "progress": False}
             with generation_context(trainer):
+                if args.engine == "vllm":  # built (at the first run) and synced, untimed
+                    _synchronize()
+                    t = time.perf_counter()
+                    engine.generate(pl_module.pair.policy, prompts[:1],
+                                    dataclasses.replace(sampling, max_new_tokens=2), **ids)
+                    _synchronize()
+                    record["engine_warmup_seconds"] = time.perf_counter() - t
                 _synchronize()
                 t = time.perf_counter()
-                samples = generate_responses(
-                    pl_module.pair.policy, prompts, sampling, pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, seed=0, progress=False,
-                    synced_gpus=synced_generation(trainer))
+                samples = engine.generate(pl_module.pair.policy, prompts, sampling, **ids,
+                                          synced_gpus=synced_generation(trainer))
                 _synchronize()
             record["generation_seconds"] = time.perf_counter() - t
             record["generated_tokens"] = sum(len(s) for group in samples for s in group)
@@ -126,7 +145,7 @@ def run_one(name: str, config: dict[str, Any], args: argparse.Namespace) -> dict
 
     from sail_lightning.tokenizer import build_tokenizer
 
-    reason = missing_requirement(name)
+    reason = missing_requirement(name, args.engine)
     if reason:
         return {"skipped": reason}
     spec = RUNS[name]
@@ -178,5 +197,8 @@ def run_one(name: str, config: dict[str, Any], args: argparse.Namespace) -> dict
         "generation_tokens_per_second": record["generated_tokens"]
         / record["generation_seconds"],
         "generated_tokens": record["generated_tokens"],
+        "engine": args.engine,
+        # vLLM only: building (first run) or waking the engine, a sync and 2 tokens, untimed.
+        "engine_warmup_seconds": record.get("engine_warmup_seconds"),
         "seconds": time.perf_counter() - t_start,
     }

@@ -18,6 +18,7 @@ from sail_lightning.distributed import (
     pad_shard,
     synced_generation,
 )
+from sail_lightning.engines import check_engine_strategy
 from sail_lightning.generation import SamplingOptions
 from sail_lightning.interfaces import Labeller
 from sail_lightning.pair_modes import get_pair_mode
@@ -115,6 +116,8 @@ class PairGenerationCallback(L.Callback):
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_engine_strategy(trainer.strategy, self.sampling.engine,
+                              "PairGenerationCallback.sampling.engine")
         if not isinstance(trainer.datamodule, PreferenceDataModule):
             raise TypeError("PairGenerationCallback needs a PreferenceDataModule")
         if trainer.reload_dataloaders_every_n_epochs != 1:

@@ -31,6 +31,8 @@ commands:
   fit            train (sail-lightning fit -c configs/quickstart.yaml)
   validate       evaluate a checkpoint (... validate -c <config> --ckpt_path <file>)
   serve-reward   host a reward model over HTTP (sail-lightning serve-reward --help)
+  serve-judge    host a causal LM's chat completions on the OpenAI protocol, a local judge
+                 for JudgeLabeller (sail-lightning serve-judge --help)
   build-models   train BPE tokenizers and build a small policy and reward model offline
                  (sail-lightning build-models --output models/tiny --train-reward; --help)
 
@@ -44,6 +46,8 @@ Options of a command: `sail-lightning fit --help`; of a callback in the config:
 # Commands with parsers of their own (main() dispatches them), shown in the top-level help.
 OTHER_COMMANDS = {
     "serve-reward": "Host a reward model over HTTP (sail-lightning serve-reward --help).",
+    "serve-judge": "Host a causal LM's chat completions on the OpenAI protocol, a local judge "
+                   "(sail-lightning serve-judge --help).",
     "build-models": "Train BPE tokenizers and build a small policy and reward model offline "
                     "(sail-lightning build-models --help).",
 }
@@ -252,7 +256,8 @@ def _place_logs(config: Any, resuming: bool = False) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``sail-lightning <command> ...``; ``args`` replaces ``sys.argv`` (tests).
 
-    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``) and
+    ``serve-reward`` (a reward model over HTTP, ``sail_lightning.serving``),
+    ``serve-judge`` (a chat model on the OpenAI protocol, ``sail_lightning.judge_serving``) and
     ``build-models`` (``sail_lightning.build_models``) are no Lightning subcommands and
     have parsers of their own; ``fit`` and ``validate`` are LightningCLI's.
     """
@@ -261,6 +266,11 @@ def main(args: list[str] | None = None) -> None:
         from sail_lightning.serving import serve_reward  # litserve loads only for the server
 
         serve_reward(argv[1:])
+        return
+    if argv and argv[0] == "serve-judge":
+        from sail_lightning.judge_serving import serve_judge  # litserve: for the server only
+
+        serve_judge(argv[1:])
         return
     if argv and argv[0] == "build-models":
         from sail_lightning.build_models import main as build_models

@@ -18,7 +18,7 @@ import torch
 from sail_lightning.common import win_rate
 from sail_lightning.data.tokenize import TokenizedPair
 from sail_lightning.distributed import generation_context, synced_generation
-from sail_lightning.engines import get_engine
+from sail_lightning.engines import check_engine_strategy, get_engine
 from sail_lightning.generation import ENGINES, SamplingOptions, decode, generate_responses
 from sail_lightning.interfaces import Labeller, PairwiseJudge
 from sail_lightning.policy_pair import PolicyPair
@@ -89,6 +89,7 @@ class EvaluationCallback(L.Callback):
         self.engine = engine
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_engine_strategy(trainer.strategy, self.engine, "EvaluationCallback.engine")
         judge = self.judge if self.judge is not None else getattr(trainer.datamodule, "oracle",
                                                                   None)
         if judge is not None:

@@ -38,7 +38,7 @@ from typing import Any
 try:
     import litserve as ls
 except ImportError as e:  # an optional dependency: only the server needs it
-    raise ImportError("sail-lightning serve-reward needs LitServe: "
+    raise ImportError("sail-lightning serve-reward and serve-judge need LitServe: "
                       "pip install 'sail-lightning[serve]'") from e
 from pydantic import BaseModel, model_validator
 
@@ -148,16 +148,27 @@ def build_server(labeller_kwargs: dict[str, Any], *, device: str = "auto",
     Raises:
         ValueError: ``device`` is none of those.
     """
-    kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and kind != "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    kind, pinned = parse_device(device)
     kwargs = dict(labeller_kwargs)
-    if index:  # LitServe numbers the devices it is given; pin the one asked for instead
-        kwargs["device"] = device
+    if pinned:
+        kwargs["device"] = pinned
     api = RewardModelAPI(kwargs, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     # LitServe's own GET /info shows model_metadata as its "model".
     return ls.LitServer(api, accelerator=kind, devices=1, timeout=timeout,
                         model_metadata=served_settings(labeller_kwargs))
+
+
+def parse_device(device: str) -> tuple[str, str | None]:
+    """``--device`` as LitServe's accelerator and the one device to pin the model to, if any
+    (``cuda:1``: LitServe numbers the devices it is given, so the one asked for is pinned).
+
+    Raises:
+        ValueError: ``device`` is none of auto, cpu, cuda, cuda:N, mps.
+    """
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and kind != "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    return kind, device if index else None
 
 
 def served_settings(labeller_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -236,13 +247,13 @@ def serve_reward(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"serve-reward: --model: no such folder: {args.model}")
     server = build_server(kwargs, device=args.device, max_batch_size=args.max_batch_size,
                           batch_timeout=args.batch_timeout, timeout=args.timeout)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     # No client.py written to the working directory; one API server process suffices.
     server.run(host=args.host, port=args.port, log_level=args.log_level,
                generate_client_file=False, num_api_servers=1)
 
 
-def _sigterm_as_interrupt() -> None:
+def sigterm_as_interrupt() -> None:
     """SIGTERM to the main process raises KeyboardInterrupt there, LitServe's one path to a
     clean shutdown (it stops and reaps its workers); without this the default action kills
     the main process alone and its workers go on serving on the port. The processes LitServe

@@ -134,9 +134,11 @@ def test_top_level_help_says_what_the_tool_is_and_offers_what_works():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     # Every command in the usage line, as `sail-lightning` (not __main__.py).
-    assert out.stdout.startswith(
-        "usage: sail-lightning [-c CONFIG] {fit,validate,serve-reward,build-models}")
+    # (argparse wraps the usage line at the terminal's width)
+    assert " ".join(out.stdout.split()).startswith(
+        "usage: sail-lightning [-c CONFIG] {fit,validate,serve-reward,serve-judge,build-models}")
     for text in ("SAIL and the online DPO family", "Host a reward model over HTTP",
+                 "chat completions on the OpenAI protocol",
                  "Train BPE tokenizers",
                  "--trainer.callbacks.help sail_lightning.callbacks.PairGenerationCallback"):
         assert text in out.stdout, text

@@ -89,3 +89,33 @@ def test_lora_weights_are_merged_under_the_base_names():
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(ids).logits, policy.eval()(ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_vllm_under_fsdp1_is_refused_at_setup_before_importing_vllm(monkeypatch):
+    """The colocated engine syncs the policy's full weights; FSDP1's flat shards are not
+    gathered for it: setup refuses, naming the option and what works, and vllm (here made
+    unimportable, as where it is not installed) is never imported."""
+    import types
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from sail_lightning.distributed import SAILFSDPStrategy, SAILModelParallelStrategy
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    fsdp1 = types.SimpleNamespace(strategy=SAILFSDPStrategy(), datamodule=None)
+    pair_cb = PairGenerationCallback(sampling=SamplingOptions(engine="vllm"))
+    with pytest.raises(ValueError, match=r"PairGenerationCallback\.sampling\.engine=vllm is "
+                       r"not supported under SAILFSDPStrategy .*FSDP1.*configs/strategy/"
+                       r"fsdp2\.yaml.*sampling\.engine=hf under FSDP1"):
+        pair_cb.setup(fsdp1, module(), "fit")
+    with pytest.raises(ValueError, match=r"EvaluationCallback\.engine=vllm is not supported"):
+        EvaluationCallback(engine="vllm").setup(fsdp1, module(), "fit")
+    # hf under FSDP1, and vllm under FSDP2 or DDP, pass the check (the pair callback then
+    # stops at its next one: this fake trainer has no DataModule).
+    for strategy, engine in ((SAILFSDPStrategy(), "hf"), (SAILModelParallelStrategy(), "vllm"),
+                             (DDPStrategy(), "vllm")):
+        trainer = types.SimpleNamespace(strategy=strategy, datamodule=None)
+        with pytest.raises(TypeError, match="needs a PreferenceDataModule"):
+            PairGenerationCallback(sampling=SamplingOptions(engine=engine)).setup(
+                trainer, module(), "fit")
+        EvaluationCallback(engine=engine).setup(trainer, module(), "fit")

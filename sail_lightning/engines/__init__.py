@@ -14,7 +14,7 @@ The reference never goes through an engine: it is sampled (SELM, XPO, evaluation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -38,6 +38,25 @@ class HFEngine:
     """transformers ``generate`` on the model itself (the default engine)."""
 
     generate = staticmethod(generate_responses)
+
+
+def check_engine_strategy(strategy: Any, engine: str, option: str) -> None:
+    """Refuses ``engine: vllm`` under Lightning's ``FSDPStrategy`` (FSDP1) at setup, before
+    vLLM is imported or anything trains: the colocated engine is synced with the policy's
+    full weights, and FSDP1 leaves each parameter a flat shard of this rank outside forward
+    (nothing here gathers them; FSDP2's DTensors are gathered with ``full_tensor``).
+
+    ``option`` names the setting in the error (``PairGenerationCallback.sampling.engine``).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if engine == "vllm" and isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            f"{option}=vllm is not supported under {type(strategy).__name__} (Lightning's "
+            "FSDPStrategy, FSDP1, as configs/strategy/fsdp.yaml): the vLLM engine is synced "
+            "with the policy's full weights and FSDP1's flat parameter shards are not "
+            "gathered for it; use FSDP2 (configs/strategy/fsdp2.yaml, "
+            f"SAILModelParallelStrategy) or DDP with vllm, or {option}=hf under FSDP1")
 
 
 HF = HFEngine()

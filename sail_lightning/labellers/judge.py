@@ -180,8 +180,12 @@ class JudgeLabeller(Labeller, PairwiseJudge):
                                                     **options)
             text = answer.choices[0].message.content or ""
         except (OpenAIError, IndexError, AttributeError) as e:
+            # The client's message holds an OpenAI-shaped body's {"error": ...} only; a
+            # server's other body (LitServe's {"detail": ...}) is what says why.
+            body = getattr(e, "body", None)
+            why = f"{e} {body}" if body is not None and str(body) not in str(e) else str(e)
             raise RemoteServiceError(f"{self.where} failed (after {self.max_retries} retries "
-                                     f"of connection errors and 5xx): {e}") from e
+                                     f"of connection errors and 5xx): {why}") from e
         return parse_verdict(text), text, answer.usage
 
     def compare(self, prompts: Sequence[str], responses_a: Sequence[str],

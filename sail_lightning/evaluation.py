@@ -148,8 +148,9 @@ class EvaluationCallback(L.Callback):
             samples = [s[0] for s in sample(pair.policy, prompt_ids, sampled, seed=self.seed,
                                             **gen)]
             # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)], on the samples.
+            # One row per sample (chosen_only): a pair of it with itself cost twice the forwards.
             kl_pairs = [TokenizedPair(p, s, s) for p, s in zip(prompt_ids, samples, strict=True)]
-            pol, ref_lp = pair.pair_logprobs(kl_pairs)
+            pol, ref_lp = pair.pair_logprobs(kl_pairs, chosen_only=True)
             metrics["val/kl"] = float((pol[:, 0] - ref_lp[:, 0]).mean())
         prompts = [r.prompt for r in records]
         texts = [decode(tok, r) for r in policy]

@@ -183,7 +183,7 @@ class PolicyPair(nn.Module):
 
     @torch.no_grad()
     def pair_logprobs(self, pairs: list[TokenizedPair], *, policy: bool = True,
-                      batch_size: int = 32, by_length: bool = True
+                      batch_size: int = 32, by_length: bool = True, chosen_only: bool = False
                       ) -> tuple[Tensor | None, Tensor]:
         """Policy (optional) and reference log-probs of pairs, in eval mode: float32 CPU
         tensors ``(N, k)`` with columns chosen, rejected (and bonus when pairs carry one),
@@ -193,6 +193,9 @@ class PolicyPair(nn.Module):
         row), which cuts the padding each forward computes; the values are the same up to
         float rounding (a row's padded width changes the kernels' blocking). Every rank
         sorts its own pairs, so sharded (FSDP) forwards still run in step.
+
+        ``chosen_only``: the chosen rows alone (one column): a response's log-prob without
+        the forward of a rejected row (the evaluation's KL samples are single responses).
         """
         collate = PreferenceCollator(self.pad_token_id)
         order = length_order(pairs) if by_length else list(range(len(pairs)))
@@ -206,6 +209,11 @@ class PolicyPair(nn.Module):
                                           bonus_ids=p.bonus_ids).example(0) for p in chunk]
                 batch = {k: v.to(self.device) for k, v in collate(examples).items()
                          if isinstance(v, Tensor)}
+                if chosen_only:  # rows [:n], cut to their own width (as chosen_logprobs)
+                    n = len(chunk)
+                    width = int(batch["attention_mask"][:n].sum(-1).max())
+                    batch = {k: batch[k][:n, :width] for k in ("input_ids", "attention_mask",
+                                                                "response_mask")}
                 k = batch["input_ids"].shape[0] // len(chunk)
                 ref, _ = self.reference_logprobs(batch)
                 ref_out.append(ref.view(k, -1).T.float().cpu())

@@ -50,6 +50,25 @@ def test_pair_logprobs_are_the_batch_forward_in_eval_mode_whatever_the_batch_siz
     assert counts.shape == (20,) and (counts > 0).all()
 
 
+def test_chosen_only_log_probs_are_the_chosen_column_with_half_the_rows(monkeypatch):
+    import sail_lightning.policy_pair as policy_pair
+
+    m = module()
+    pairs = datamodule().train_pairs[:10]
+    nudge(m.pair.policy, 0.01)
+    pol, ref = m.pair.pair_logprobs(pairs, batch_size=4)
+    rows = []
+    forward = policy_pair.concatenated_logprobs
+    monkeypatch.setattr(policy_pair, "concatenated_logprobs",
+                        lambda model, batch, chunk: rows.append(batch["input_ids"].shape[0])
+                        or forward(model, batch, chunk))
+    pol_c, ref_c = m.pair.pair_logprobs(pairs, batch_size=4, chosen_only=True)
+    assert pol_c.shape == ref_c.shape == (10, 1)
+    torch.testing.assert_close(pol_c[:, 0], pol[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_c[:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
+    assert rows == [4, 4, 4, 4, 2, 2]  # policy and reference per batch: chosen rows alone
+
+
 def test_pair_logprobs_by_length_keep_the_order_and_cut_padding():
     """Sorted by length, the batches hold less padding; the values come back in the pairs'
     order, equal to the unsorted ones up to rounding."""

@@ -62,6 +62,8 @@ ABLATIONS = [m for m, spec in METHODS.items() if spec.ablation]
 INSTRUCTION_METHODS = ["dpo", "online_dpo", "iterative_dpo", "sail_pr", "sail_pp", "sail_dp",
                        "sppo"]
 INSTRUCTION_ABLATIONS = ["sail_pr_g0"]
+# --quick on SmolLM2: one offline, two online and SAIL-PR, under 10 minutes on 2 cores.
+INSTRUCTION_QUICK_METHODS = ["dpo", "online_dpo", "sail_pr", "sppo"]
 INSTRUCTION_LABELS = ["oracle", "rm"]
 
 
@@ -79,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: 0 1 2 (0 with --quick or --task instructions)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                    help=f"default: {' '.join(MAIN)} (instructions: "
-                   f"{' '.join(INSTRUCTION_METHODS)})")
+                   f"{' '.join(INSTRUCTION_METHODS)}; with --quick "
+                   f"{' '.join(INSTRUCTION_QUICK_METHODS)})")
     p.add_argument("--labels", nargs="+", default=None, choices=list(LABEL_SOURCES),
                    help=f"label sources of the online pairs (default: all; instructions: "
                    f"{' '.join(INSTRUCTION_LABELS)})")
@@ -103,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "compare_instructions[_quick])")
     p.add_argument("--cached-only", action="store_true",
                    help="report the runs left in --work-dir by a former call, run nothing new")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is robust on a shared 2-core machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 1 on the synthetic task, robust on a shared "
+                   "2-core machine; torch's own default, every core, on the instructions task)")
     return p.parse_args(argv)
 
 
@@ -118,14 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
             budget = replace(budget, **{field: getattr(args, opt)})
     if args.eval_prompts:
         budget = replace(budget, rm_heldout_pairs=args.eval_prompts)
-    methods = args.methods or (INSTRUCTION_METHODS if real else MAIN)
+    methods = args.methods or (
+        (INSTRUCTION_QUICK_METHODS if args.quick else INSTRUCTION_METHODS) if real else MAIN)
     ablations = [] if args.no_ablations else (INSTRUCTION_ABLATIONS if real else ABLATIONS)
     methods = list(dict.fromkeys(methods + ablations))
     labels = args.labels or (INSTRUCTION_LABELS if real else list(LABEL_SOURCES))
     seeds = args.seeds if args.seeds is not None else ([0] if real else None)
     name = "compare_instructions" if real else "compare_methods"
     results = compare(methods, seeds, args.quick, args.work_dir or f"runs/{name}",
-                      budget=budget, threads=args.threads, labels=labels,
+                      budget=budget, labels=labels,
+                      threads=args.threads if args.threads is not None else (None if real else 1),
                       cached_only=args.cached_only, log=lambda s: print(s, flush=True),
                       comparison=args.task, model_dir=args.model_dir)
     stem = args.name or (f"{name}_quick" if args.quick else name)

@@ -67,12 +67,12 @@ class Budget:
 FULL = Budget()
 QUICK = Budget(pairs_per_epoch=256, epochs=2, offline_pairs=2048, rm_epochs=5,
                eval_prompts=256, rm_heldout_pairs=256)
-# The instructions task on SmolLM2 (LoRA): 2 rounds of 32 pairs per method, 128 held-out
-# prompts; quick: 1 round of 8 pairs, 32 prompts, responses of 32 tokens.
-INSTRUCTIONS_FULL = Budget(pairs_per_epoch=32, epochs=2, offline_pairs=192, sft_steps=0,
-                           rm_epochs=2, lr=None, eval_prompts=128, rm_heldout_pairs=96)
-INSTRUCTIONS_QUICK = Budget(pairs_per_epoch=8, epochs=1, offline_pairs=32, sft_steps=0,
-                            rm_epochs=1, lr=None, eval_prompts=32, rm_heldout_pairs=32)
+# The instructions task on SmolLM2 (LoRA): 2 rounds of 24 pairs per method (6 steps of 8),
+# 128 held-out prompts; quick: 1 round of 8 pairs, 16 prompts, responses of 32 tokens.
+INSTRUCTIONS_FULL = Budget(pairs_per_epoch=24, epochs=2, offline_pairs=144, sft_steps=0,
+                           rm_epochs=2, lr=None, eval_prompts=128, rm_heldout_pairs=64)
+INSTRUCTIONS_QUICK = Budget(pairs_per_epoch=8, epochs=1, offline_pairs=16, sft_steps=0,
+                            rm_epochs=2, lr=None, eval_prompts=16, rm_heldout_pairs=16)
 BUDGETS = {"synthetic": (FULL, QUICK), "instructions": (INSTRUCTIONS_FULL, INSTRUCTIONS_QUICK)}
 
 

@@ -276,8 +276,11 @@ class InstructionsComparison(ComparisonTask):
         return replace(self, max_new_tokens=32)
 
     def run_args(self) -> list[str]:
+        # No gradient checkpointing: a step is a quarter faster and its peak (about 4 GiB
+        # with chunked log-probs) fits this comparison's machine; the results are the same.
         return [f"--data.max_prompt_length={self.max_prompt_length}",
-                f"--data.max_response_length={self.max_new_tokens}"]
+                f"--data.max_response_length={self.max_new_tokens}",
+                "--model.gradient_checkpointing=false"]
 
     def round_sampling(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "batch_size": self.sample_batch}

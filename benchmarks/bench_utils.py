@@ -17,10 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 
 
-def marked_block(marker: str) -> re.Pattern:
-    """The pattern of a doc's bash block between ``<!-- marker -->`` and
-    ``<!-- /marker -->`` (the block the doc's tests and benchmarks run as written)."""
-    return re.compile(rf"<!-- {re.escape(marker)} -->\n```bash\n(.*?)```\n"
+def marked_block(marker: str, lang: str | None = "bash") -> re.Pattern:
+    """The pattern of a doc's code block between ``<!-- marker -->`` and
+    ``<!-- /marker -->`` (the block the doc's tests and benchmarks run as written); its one
+    group is the block's body. ``lang``: the block's language (``None``: any)."""
+    fence = r"\w*" if lang is None else re.escape(lang)
+    return re.compile(rf"<!-- {re.escape(marker)} -->\n```{fence}\n(.*?)```\n"
                       rf"<!-- /{re.escape(marker)} -->", re.S)
 
 

@@ -23,6 +23,7 @@ from sail_lightning.generation import SamplingOptions
 from sail_lightning.interfaces import Labeller
 from sail_lightning.pair_modes import get_pair_mode
 from sail_lightning.rounds import build_round
+from sail_lightning.run_folder import holds_step
 
 log = logging.getLogger("sail_lightning.online")
 
@@ -111,6 +112,8 @@ class PairGenerationCallback(L.Callback):
         self.cache_reference = cache_reference
         self.progress = progress
         self.last_round_metrics: dict[str, float] = {}  # the latest round's, on rank 0
+        # The global step the latest round's gen/* metrics were logged at (state_dict).
+        self.last_round_step: int | None = None
         self.score_batch_size = score_batch_size
 
     # -- hooks -----------------------------------------------------------------------------
@@ -166,6 +169,8 @@ class PairGenerationCallback(L.Callback):
             self._start(trainer, pl_module)
             return
         dm = trainer.datamodule
+        if trainer.ckpt_path and dm.pool.current_round >= 0:
+            self._log_restored_round(trainer)
         # After a resume: a round the checkpoint lacks (killed while it was generated,
         # labelled or written; a step checkpoint on an epoch's last batch, after which
         # Lightning skips that epoch's end; a finished run extended with more epochs) is
@@ -182,6 +187,30 @@ class PairGenerationCallback(L.Callback):
             return
         if self.cache_reference and dm.pool.offline_ref is None:
             self._cache_offline(trainer, pl_module)  # after a resume
+
+    def state_dict(self) -> dict:
+        # Saved by rank 0, which holds them: a resumed run logs the restored round's gen/*
+        # row again (it is restored, not generated: _log_restored_round).
+        return {"last_round_metrics": dict(self.last_round_metrics),
+                "last_round_step": self.last_round_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_round_metrics = dict(state_dict.get("last_round_metrics", {}))
+        self.last_round_step = state_dict.get("last_round_step")
+
+    def _log_restored_round(self, trainer: L.Trainer) -> None:
+        """Logs the gen/* row of the round a resume restored, at the step it was first logged
+        at, to each logger that does not hold it already: a logger continuing the run's
+        folder keeps the rows before the checkpoint's step (``run_folder.RunCSVLogger``), not
+        the row of a round built at that step (at an epoch's end, before its checkpoint); a
+        new folder has none. A checkpoint saved before these were stored has nothing to log."""
+        metrics, step = self.last_round_metrics, self.last_round_step
+        if (not trainer.is_global_zero or not metrics or step is None
+                or metrics.get("gen/round") != trainer.datamodule.pool.current_round):
+            return
+        for logger in trainer.loggers:
+            if not holds_step(logger, step):
+                logger.log_metrics(metrics, step=step)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict) -> None:
@@ -269,6 +298,7 @@ class PairGenerationCallback(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self.last_round_metrics = metrics  # for summary.ConsoleSummary's epoch line
+            self.last_round_step = trainer.global_step
             log.info("round %d: %d pairs in %s (generation %.1fs)", round_index, len(pairs),
                      path, metrics["gen/generation_seconds"])
 

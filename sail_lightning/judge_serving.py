@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM
 from sail_lightning.common import DTYPES, PATH_STARTS
 from sail_lightning.generation import SamplingOptions, generate_responses
 from sail_lightning.models import load_pretrained
-from sail_lightning.serving import HOSTS, ls, parse_device, sigterm_as_interrupt
+from sail_lightning.serving import add_server_options, ls, parse_device, run_server
 from sail_lightning.tokenizer import build_tokenizer, decode_text
 
 log = logging.getLogger("sail_lightning.serving")
@@ -222,23 +222,10 @@ def parser() -> argparse.ArgumentParser:
                    "must have a chat template")
     p.add_argument("--served-model-name", default=None,
                    help="the name requests give as model (default: --model as given)")
-    p.add_argument("--port", type=int, default=8000, help="port (1024-65535; default 8000)")
-    p.add_argument("--host", default="127.0.0.1", choices=HOSTS,
-                   help="interface: 127.0.0.1 (default, this machine only) or all (0.0.0.0, ::)"
-                   "; the server has no authentication")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="answer length in tokens when a request names none")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sampled request")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--torch-dtype", choices=tuple(DTYPES), help="weights' dtype (default: as "
-                   "saved)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a request may wait for the model before a 504")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code in the model's folder (read it first)")
-    p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
-    return p
+    return add_server_options(p)
 
 
 def serve_judge(argv: Sequence[str] | None = None) -> None:
@@ -259,6 +246,4 @@ def serve_judge(argv: Sequence[str] | None = None) -> None:
                           max_tokens=args.max_tokens, seed=args.seed,
                           torch_dtype=args.torch_dtype,
                           trust_remote_code=args.trust_remote_code, timeout=args.timeout)
-    sigterm_as_interrupt()
-    server.run(host=args.host, port=args.port, log_level=args.log_level,
-               generate_client_file=False, num_api_servers=1)
+    run_server(server, args)

@@ -108,6 +108,15 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+def holds_step(logger: Any, step: int) -> bool:
+    """Whether ``logger`` already holds the rows a resumed run's earlier attempt logged at
+    ``step``: a ``RunCSVLogger`` continuing the run's folder keeps those before its
+    ``resume_step``."""
+    if not isinstance(logger, RunCSVLogger) or logger.resume_step is None:
+        return False
+    return step < logger.resume_step
+
+
 def remove_if_unused(folder: str | None) -> bool:
     """Removes a version folder that holds nothing but what a run writes while starting
     (``config.yaml``, ``hparams.yaml``, empty folders); returns whether it did."""

@@ -42,6 +42,7 @@ except ImportError as e:  # an optional dependency: only the server needs it
                       "pip install 'sail-lightning[serve]'") from e
 from pydantic import BaseModel, model_validator
 
+from sail_lightning.common import DTYPES
 from sail_lightning.labellers import RewardModelLabeller
 
 log = logging.getLogger("sail_lightning.serving")
@@ -200,37 +201,52 @@ client: sail_lightning.labellers.RemoteRewardLabeller(url="http://HOST:PORT{ROUT
 """
 
 
+def add_server_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the options every ``sail-lightning serve-*`` command shares (where it listens,
+    where the model runs, how long a request may wait, logging) to ``p``; returns ``p``.
+    ``run_server`` reads them back."""
+    p.add_argument("--port", type=int, default=8000, help="port (1024-65535; default 8000)")
+    p.add_argument("--host", default="127.0.0.1", choices=HOSTS,
+                   help="interface: 127.0.0.1 (default, this machine only) or all (0.0.0.0, ::)"
+                   "; the server has no authentication")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--torch-dtype", choices=tuple(DTYPES),
+                   help="weights' dtype (default: as saved)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may wait for the model before a 504")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code in the model's folder (read it first)")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def run_server(server: ls.LitServer, args: argparse.Namespace) -> None:
+    """Serves ``server`` on ``add_server_options``' --host/--port until SIGTERM or Ctrl+C."""
+    sigterm_as_interrupt()
+    # No client.py written to the working directory; one API server process suffices.
+    server.run(host=args.host, port=args.port, log_level=args.log_level,
+               generate_client_file=False, num_api_servers=1)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sail-lightning serve-reward", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="local folder or hub name of the reward model and its tokenizer")
-    p.add_argument("--port", type=int, default=8000, help="port (1024-65535; default 8000)")
-    p.add_argument("--host", default="127.0.0.1", choices=HOSTS,
-                   help="interface: 127.0.0.1 (default, this machine only) or all (0.0.0.0, ::)"
-                   "; the server has no authentication")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-length", type=int, default=1024,
                    help="longest input in tokens (the left is cut; default 1024, as "
                    "RewardModelLabeller's; configs/real_text uses 256: pass the same)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--torch-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="weights' dtype (default: as saved)")
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="merge up to this many concurrent requests into one pass (LitServe)")
     p.add_argument("--batch-timeout", type=float, default=0.0,
                    help="seconds to wait for requests to merge (with --max-batch-size > 1)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a request may wait for the model before a 504")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code in the model's folder (read it first)")
     p.add_argument("--model-class", help="import path 'pkg.mod:Class' of another model class")
     p.add_argument("--output-field", default="logits",
                    help="output field holding the scores (beaver's score models: end_scores)")
-    p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
-    return p
+    return add_server_options(p)
 
 
 def serve_reward(argv: Sequence[str] | None = None) -> None:
@@ -247,10 +263,7 @@ def serve_reward(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"serve-reward: --model: no such folder: {args.model}")
     server = build_server(kwargs, device=args.device, max_batch_size=args.max_batch_size,
                           batch_timeout=args.batch_timeout, timeout=args.timeout)
-    sigterm_as_interrupt()
-    # No client.py written to the working directory; one API server process suffices.
-    server.run(host=args.host, port=args.port, log_level=args.log_level,
-               generate_client_file=False, num_api_servers=1)
+    run_server(server, args)
 
 
 def sigterm_as_interrupt() -> None:

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 
 import sail_lightning.data
+from benchmarks.bench_utils import marked_block
 from sail_lightning.cli import main
 from sail_lightning.data import PreferenceDataModule
 from tests.conftest import REPO
@@ -26,7 +27,7 @@ BUDGET = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
 
 def marked(name: str, text: str = README) -> str:
     """The body of the code block between ``<!-- name -->`` and ``<!-- /name -->``."""
-    match = re.search(rf"<!-- {name} -->\n```\w*\n(.*?)```\n<!-- /{name} -->", text, re.S)
+    match = marked_block(name, lang=None).search(text)
     assert match, f"README has no block marked {name}"
     return match.group(1)
 
@@ -75,6 +76,14 @@ def run_in(tmp_path, monkeypatch, command: str, *extra: str) -> None:
             monkeypatch.syspath_prepend(str(tmp_path / path))
     assert not env, f"unexpected environment in {command!r}"
     main([*args, *BUDGET, *extra])
+
+
+def test_marked_reads_a_block_of_any_language_and_names_a_missing_one():
+    text = "<!-- a -->\n```python\nx = 1\n```\n<!-- /a -->\n"
+    assert marked("a", text) == "x = 1\n"
+    assert marked_block("a").search(text) is None  # the benchmarks' default: bash blocks
+    with pytest.raises(AssertionError, match="no block marked b"):
+        marked("b", text)
 
 
 def test_quickstart_and_test_commands_install_then_run():

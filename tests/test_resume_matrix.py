@@ -8,18 +8,22 @@ Kills are exceptions raised in-process at the chosen point (tests/test_resume.py
 SIGKILL through the CLI); the 2-process DDP variants run through the CLI and are slow.
 """
 
+import csv
 import hashlib
+import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 import sail_lightning.callbacks as callbacks_module
 import sail_lightning.data.pool as pool_module
 from sail_lightning.callbacks import PairGenerationCallback
 from sail_lightning.evaluation import EvaluationCallback
 from sail_lightning.generation import SamplingOptions
+from sail_lightning.run_folder import RunCSVLogger, checkpoint_step
 from sail_lightning.synthetic import OracleLabeller
 from tests.helpers import datamodule, module
 
@@ -99,8 +103,8 @@ class KillingOracle(OracleLabeller):
 
 
 def run(tmp: Path, name: str, log: dict, *, cadence: str, kill: list | None = None,
-        ckpt: str | None = None, epochs: int = EPOCHS, oracle=None, judge_epoch=None
-        ) -> L.Trainer:
+        ckpt: str | None = None, epochs: int = EPOCHS, oracle=None, judge_epoch=None,
+        logger=False) -> L.Trainer:
     """One fit of the tiny SAIL-PR run; ``log`` collects steps, losses and rounds."""
     L.seed_everything(0, verbose=False)
     attempt = log.setdefault("attempts", 0)
@@ -120,7 +124,7 @@ def run(tmp: Path, name: str, log: dict, *, cadence: str, kill: list | None = No
     evaluation = EvaluationCallback(judge=judge, num_prompts=8, max_new_tokens=4)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=epochs, reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp / name,
         callbacks=[evaluation, generation, Record(log.setdefault("steps", {}),
                                                   log.setdefault("losses", {})),
@@ -233,3 +237,36 @@ def test_finished_run_extended_builds_the_next_round(tmp_path, reference, cadenc
     assert sorted(log["rounds"]) == list(range(EPOCHS - 1))
     run(tmp_path, "run", log, cadence=cadence, epochs=EPOCHS, ckpt=last(tmp_path, "run"))
     assert_same(log, reference)
+
+
+def gen_rows(folder: Path) -> list[dict]:
+    """The gen/* rows of a CSV log folder's metrics.csv, their empty cells dropped."""
+    with open(folder / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if v != "" and k.startswith(("gen/", "step"))}
+                for row in csv.DictReader(f) if row.get("gen/round")]
+
+
+def test_resumed_run_logs_the_gen_row_of_the_round_it_restored(tmp_path):
+    """Killed in epoch 1, resumed from epoch 0's checkpoint, whose round 1 was built (and its
+    gen/* row logged) at that checkpoint's step: restored, not built again, it is logged
+    again, so the run's log has every round's row once, as the uninterrupted run's has."""
+    log: dict = {}
+    first = CSVLogger(tmp_path, name="run", version=0)
+    run(tmp_path, "run", log, cadence="epochs", kill=[KillAtStep(14)], logger=first)
+    assert log.get("killed") == "step 14"
+    ckpt = str(shutil.copy(last(tmp_path, "run"), tmp_path / "epoch0.ckpt"))
+    assert checkpoint_step(ckpt) == 9  # epoch 0's 9 steps: round 1 was logged at step 9
+    before = gen_rows(tmp_path / "run" / "version_0")
+    assert [r["gen/round"] for r in before] == ["0.0", "1.0"]
+    # A new log folder (a logger the config names): the restored round's row, as logged.
+    run(tmp_path, "run", log, cadence="epochs", ckpt=ckpt,
+        logger=CSVLogger(tmp_path, name="run", version=1))
+    new = gen_rows(tmp_path / "run" / "version_1")
+    assert [r["gen/round"] for r in new] == ["1.0", "2.0"]
+    assert new[0] == before[1]
+    # The run's own folder continued (the CLI's RunCSVLogger): every round once.
+    run(tmp_path, "run", log, cadence="epochs", ckpt=ckpt,
+        logger=RunCSVLogger(tmp_path, name="run", version=0, resume_step=9))
+    rows = gen_rows(tmp_path / "run" / "version_0")
+    assert [float(r["gen/round"]) for r in rows] == list(range(EPOCHS))
+    assert rows[1] == before[1] and [r["step"] for r in rows] == ["0", "9", "18"]

@@ -253,3 +253,29 @@ def test_info_reports_the_served_settings_and_the_client_checks_them(url, reward
     agreed = RemoteRewardLabeller(url, max_length=1024, model=str(reward_dir))
     assert agreed.score(PROMPTS[:2], RESP_A[:2]).shape == (2,)
     assert agreed.check_served_settings() is None  # asked once per labeller
+
+
+SHARED = {"--port": 8000, "--host": "127.0.0.1", "--device": "auto", "--torch-dtype": None,
+          "--timeout": 300.0, "--trust-remote-code": False, "--log-level": "info"}
+
+
+def test_serve_reward_and_serve_judge_share_the_server_options():
+    import argparse
+
+    from sail_lightning import judge_serving, serving
+
+    shared = serving.add_server_options(argparse.ArgumentParser())
+    options = {a.option_strings[-1]: (a.default, a.help, a.choices) for a in shared._actions
+               if a.dest != "help"}
+    assert {k: v[0] for k, v in options.items()} == SHARED
+    for command in (serving.parser(), judge_serving.parser()):
+        mine = {a.option_strings[-1]: (a.default, a.help, a.choices) for a in command._actions}
+        for name, spec in options.items():
+            assert mine.get(name) == spec, (command.prog, name)
+        args = command.parse_args(["--model", "m", "--port", "8123", "--host", "::",
+                                   "--device", "cpu", "--torch-dtype", "bfloat16",
+                                   "--timeout", "5", "--trust-remote-code",
+                                   "--log-level", "debug"])
+        assert (args.port, args.host, args.device, args.torch_dtype, args.timeout,
+                args.trust_remote_code, args.log_level) == (
+            8123, "::", "cpu", "bfloat16", 5.0, True, "debug"), command.prog

@@ -255,7 +255,7 @@ def run_trl(args: argparse.Namespace, policy_dir: str, reward_dir: str | None,
     data = Dataset.from_dict({"prompt": inputs["texts"]})
     longest = max(len(p["ids"]) for p in prompts)
     vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
-            "vllm_gpu_memory_utilization": 0.05} if use_vllm else {}
+            "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}
     config = OnlineDPOConfig(
         output_dir=root, use_cpu=True, report_to=[], bf16=False, fp16=False, seed=SEED,
         per_device_train_batch_size=args.batch_size, num_train_epochs=1,

@@ -114,3 +114,25 @@ def test_a_round_per_engine_is_reported_with_its_tokens_per_second():
     assert ours["same_prompts"] and ours["steps"] == 2
     assert ours["generated_tokens"] > 0 and ours["generated_tokens_per_second"] > 0
     assert out["speedup_vs_trl"] is None and out["trl_error"] == "skipped (--skip-trl)"
+
+
+def test_a_model_dir_round_trains_a_lora_adapter_on_the_instructions_prompts(tmp_path):
+    from sail_lightning.build_models import main as build_models
+    from sail_lightning.instructions import InstructionsTask
+
+    build_models(["--output", str(tmp_path), "--limit", "40", "--vocab-size", "512",
+                  "--no-reward"])
+    out = main(["--quick", "--pairs", "4", "--batch-size", "4", "--max-new-tokens", "4",
+                "--gen-batch-size", "4", "--model-dir", str(tmp_path / "policy"),
+                "--skip-trl"])
+    assert out["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+    ours = out["ours"]
+    assert ours["steps"] == 1 and ours["same_prompts"] and ours["generated_tokens"] > 0
+    assert ours["label_seconds"] >= 0  # labelled by data.oracle, the exact reward
+    # The round's prompts are the instructions task's training prompts.
+    from benchmarks.online_round import parse_args
+    from benchmarks.round_setup import round_prompts
+
+    prompts = round_prompts(parse_args(["--model-dir", str(tmp_path / "policy"),
+                                        "--batch-size", "4"]), 4)
+    assert {p["prompt"] for p in prompts} <= set(InstructionsTask(seed=0).train_prompts)

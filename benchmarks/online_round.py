@@ -14,6 +14,10 @@ epoch over the same prompts with the same batch size:
 - TRL: ``trl.experimental.online_dpo.OnlineDPOTrainer`` for one epoch over the same N
   prompts; by design it generates, scores and trains per step (``batch_size`` prompts each).
 
+``--engine hf,vllm`` runs our fit once per generation engine (``sampling.engine``), beside
+the one TRL run; ``--model-dir`` puts a pretrained model with LoRA on both sides, on the
+instructions task (``round_setup.py``).
+
 Both run in this one process, one after the other, with ``torch.set_num_threads`` fixed to the
 same value. The last line of stdout is one JSON object (``speedup_vs_trl`` = TRL wall seconds /
 our wall seconds). See benchmarks/README.md.

@@ -23,6 +23,7 @@ def test_both_engines_and_trl_run_side_by_side_on_the_same_prompts():
         ours = e["ours"]
         assert ours["engine"] == engine and ours["same_prompts"] and ours["steps"] == 2
         assert ours["generated_tokens"] > 0
-        assert e["speedup_vs_trl"] == round(out["trl"]["seconds"] / ours["seconds"], 3)
+        assert e["speedup_vs_trl"] == pytest.approx(out["trl"]["seconds"] / ours["seconds"],
+                                                    rel=0.02)  # of rounded seconds
     # vLLM's engine is built in the warm-up, not in the round measured.
     assert out["by_engine"]["vllm"]["ours"]["warmup_seconds"] > 0

@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"default {FULL.eval_prompts} ({QUICK.eval_prompts} with --quick)")
     p.add_argument("--work-dir", default=None,
                    help="runs are kept here and reused by a later call with the same settings "
-                   "(default: runs/compare_methods, runs/compare_instructions)")
+                   "(default: runs/compare_methods, runs/compare_instructions; with --quick "
+                   "runs/compare_methods_quick, runs/compare_instructions_quick)")
     p.add_argument("--results-dir", default=RESULTS)
     p.add_argument("--name", default=None,
                    help="results file stem (default compare_methods[_quick], "
@@ -110,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads (default: 1 on the synthetic task, robust on a shared "
                    "2-core machine; torch's own default, every core, on the instructions task)")
     return p.parse_args(argv)
+
+
+def default_work_dir(name: str, quick: bool) -> str:
+    """``runs/<name>``, ``runs/<name>_quick`` with ``--quick``: the quick budget's setup
+    (offline pairs, reward models, ``setup.json``) has another key, and in the full study's
+    folder it would overwrite the full study's setup, which its cached runs were trained on."""
+    return f"runs/{name}_quick" if quick else f"runs/{name}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = args.labels or (INSTRUCTION_LABELS if real else list(LABEL_SOURCES))
     seeds = args.seeds if args.seeds is not None else ([0] if real else None)
     name = "compare_instructions" if real else "compare_methods"
-    results = compare(methods, seeds, args.quick, args.work_dir or f"runs/{name}",
+    work_dir = args.work_dir or default_work_dir(name, args.quick)
+    results = compare(methods, seeds, args.quick, work_dir,
                       budget=budget, labels=labels,
                       threads=args.threads if args.threads is not None else (None if real else 1),
                       cached_only=args.cached_only, log=lambda s: print(s, flush=True),

@@ -137,3 +137,23 @@ def test_compare_methods_script_reports_every_label_source(tmp_path, capsys):
     assert len(rounds) == 1 and 0.0 <= rounds[0]["label_agreement"] <= 1.0
     for name in ("compare_methods_quick.md", "compare_methods_quick_by_label.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("task", ["synthetic", "instructions"])
+def test_quick_and_full_studies_keep_their_runs_in_different_folders(task, monkeypatch):
+    """A ``--quick`` call with no ``--work-dir`` must not share the full study's folder: its
+    setup (another budget's key) would overwrite the full study's offline pairs and reward
+    models, on which the full study's cached runs were trained."""
+    import benchmarks.compare_methods as script
+
+    seen = []
+
+    def record(methods, seeds, quick, work_dir, **kwargs):
+        seen.append(work_dir)
+        raise StopIteration
+
+    monkeypatch.setattr(script, "compare", record)
+    for extra in ([], ["--quick"]):
+        with pytest.raises(StopIteration):
+            script.main(["--task", task, *extra])
+    assert len(set(seen)) == 2, seen

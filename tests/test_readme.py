@@ -56,9 +56,11 @@ def fit_args(command: str) -> tuple[dict[str, str], list[str]]:
     while "=" in words[0] and not words[0].startswith("-"):
         key, _, value = words.pop(0).partition("=")
         env[key] = value
-    assert "sail-lightning" in words, command
+    # The entry point, or its path in another environment (.venv-vllm/bin/sail-lightning).
+    entry = [i for i, w in enumerate(words) if os.path.basename(w) == "sail-lightning"]
+    assert entry, command
     # A launcher before it (srun, ...) starts the same command on each node.
-    return env, words[words.index("sail-lightning") + 1:]
+    return env, words[entry[0] + 1:]
 
 
 def run_in(tmp_path, monkeypatch, command: str, *extra: str) -> None:

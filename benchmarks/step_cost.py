@@ -249,7 +249,8 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import online_round
 
     ns = argparse.Namespace(batch_size=args.batch_size, gen_batch_size=128,
-                            max_new_tokens=args.max_new_tokens, threads=args.threads)
+                            max_new_tokens=args.max_new_tokens, threads=args.threads,
+                            model_dir=None)  # the synthetic task's tiny Llama, no LoRA
     with tempfile.TemporaryDirectory(prefix="sail_step_cost_") as root:
         policy_dir, reward_dir = online_round.build_models(root, args.hidden_size,
                                                            args.max_new_tokens)

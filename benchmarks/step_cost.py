@@ -248,9 +248,10 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
     """One SAIL-PR round through Trainer.fit: its gen/* timings per pair."""
     from benchmarks import online_round
 
-    ns = argparse.Namespace(batch_size=args.batch_size, gen_batch_size=128,
-                            max_new_tokens=args.max_new_tokens, threads=args.threads,
-                            model_dir=None)  # the synthetic task's tiny Llama, no LoRA
+    # The round benchmark's own parser: every option run_ours reads, at its defaults (the
+    # synthetic task's tiny Llama, HF generation), with these three set.
+    ns = online_round.parse_args(["--batch-size", str(args.batch_size), "--max-new-tokens",
+                                  str(args.max_new_tokens), "--threads", str(args.threads)])
     with tempfile.TemporaryDirectory(prefix="sail_step_cost_") as root:
         policy_dir, reward_dir = online_round.build_models(root, args.hidden_size,
                                                            args.max_new_tokens)
